@@ -1,0 +1,161 @@
+"""One config dataclass family, read from and written to Hugging Face ``config.json``.
+
+A config names the architecture (``model_type``) and its sizes. Keys that Hugging Face writes for its own
+bookkeeping (``architectures``, ``transformers_version``, ...) are kept in ``extra`` so a round trip loses
+nothing; a key a user passes by hand that no field knows is an error, because a typo (``hidden_sise``)
+would otherwise silently train the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+#: Keys of ``transformers.PretrainedConfig`` that carry no architecture; kept verbatim in ``extra``.
+_HF_BOOKKEEPING = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "id2label",
+    "label2id", "problem_type", "gradient_checkpointing", "use_cache", "classifier_dropout", "bos_token_id",
+    "eos_token_id", "sep_token_id", "output_past", "return_dict", "output_hidden_states",
+    "output_attentions", "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "tie_word_embeddings",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "decoder_start_token_id",
+    "num_labels", "_attn_implementation_autoset", "name_or_path",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Fields shared by every architecture; subclasses add their own and register a ``model_type``."""
+
+    model_type: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[ModelConfig]]] = {}
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("model_type"):
+            ModelConfig.registry[cls.model_type] = cls
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}: pick sizes where hidden_size / heads is a whole number"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_labels(self) -> int:
+        """Labels of a classification head (``id2label`` in HF configs), 2 when unset."""
+        id2label = self.extra.get("id2label")
+        return len(id2label) if id2label else int(self.extra.get("num_labels", 2))
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> ModelConfig:
+        """Build a config from keyword arguments, naming any key no field knows."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            close = ", ".join(sorted(names - {"extra"}))
+            raise ConfigError(f"{cls.__name__} has no key(s) {unknown}: known keys are {close}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Read an HF-style dict; dispatches on ``model_type`` when called on the base class."""
+        target = cls
+        if cls is ModelConfig or not cls.model_type:
+            model_type = data.get("model_type")
+            if model_type not in ModelConfig.registry:
+                known = ", ".join(sorted(ModelConfig.registry))
+                raise ConfigError(
+                    f"unknown model_type {model_type!r}: deltaformer supports {known}; check config.json"
+                )
+            target = ModelConfig.registry[model_type]
+        names = {f.name for f in dataclasses.fields(target)} - {"extra"}
+        known_kwargs = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
+        target.check_supported(extra)
+        try:
+            return target(**known_kwargs, extra=extra)
+        except TypeError as exc:  # a value of the wrong type reaching __post_init__
+            raise ConfigError(f"bad value in {target.__name__} config: {exc}") from exc
+
+    @classmethod
+    def check_supported(cls, extra: dict[str, Any]) -> None:
+        """Refuse HF options that would change the math in ways this implementation does not follow."""
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json at {path}: pass a model directory holding one")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the model") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        data.update(self.extra)
+        data["model_type"] = self.model_type
+        return data
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (unknown keys are an error, as in :meth:`create`)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no key(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class BertConfig(ModelConfig):
+    """BERT (Devlin et al. 2019): token + segment + learned position embeddings, post-LayerNorm blocks."""
+
+    model_type: ClassVar[str] = "bert"
+
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def check_supported(cls, extra: dict[str, Any]) -> None:
+        kind = extra.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ConfigError(
+                f"position_embedding_type={kind!r} is not supported: deltaformer's BERT uses absolute positions"
+            )
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read ``config.json`` from a model directory (or the file itself) into the right config class."""
+    return ModelConfig.from_file(path)

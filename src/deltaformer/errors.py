@@ -1,0 +1,20 @@
+"""Errors deltaformer raises on bad input.
+
+Every message is one line that names the problem and says what to do, so a CLI can print it as is.
+"""
+
+
+class DeltaformerError(Exception):
+    """Base of every deltaformer error; messages say what went wrong and what to do."""
+
+
+class ConfigError(DeltaformerError, ValueError):
+    """A configuration names an unknown key, an unknown model type, or an impossible value."""
+
+
+class CheckpointError(DeltaformerError):
+    """A checkpoint is missing, truncated, unsafe, or does not fit the model."""
+
+
+class InputError(DeltaformerError, ValueError):
+    """Model inputs are malformed (too long, wrong shape, out-of-range ids)."""

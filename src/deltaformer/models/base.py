@@ -1,0 +1,252 @@
+"""What every assembled model shares: outputs, loading Hugging Face checkpoints exactly, saving them back.
+
+A model class declares its config class, the HF architecture name, and a :class:`NameMap` from HF
+parameter names to its own. Loading translates names, checks every shape, and says clearly which weights
+were missing (and freshly initialised) or left unused, so a user never trains a half-loaded model unawares.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints.io import load_state_dict, save_state_dict
+from ..checkpoints.names import NameMap, normalize_legacy
+from ..config import ModelConfig, load_config
+from ..errors import CheckpointError, ConfigError
+
+log = logging.getLogger("deltaformer")
+
+
+class Output:
+    """Model outputs: attribute access, ``out["name"]`` and tuple-style ``out[0]`` over the non-None fields."""
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+
+
+@dataclass
+class EncoderOutput(Output):
+    last_hidden_state: Tensor
+    pooler_output: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class HeadOutput(Output):
+    """Output of a model with a task head: ``logits`` and, when labels were given, ``loss``."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    extra_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did: weights left at their fresh init, and weights it did not use."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+    def __str__(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"newly initialised (train them): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unused checkpoint weights: {', '.join(self.unexpected)}")
+        return "; ".join(parts) or "all weights loaded"
+
+
+class PreTrainedModel(nn.Module):
+    """Base of assembled models; subclasses set the class attributes below."""
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    hf_architecture: ClassVar[str] = ""
+    #: HF prefix of the backbone inside HF task models ("bert."), ours is "backbone.".
+    hf_backbone_prefix: ClassVar[str] = ""
+    #: Our parameter names that may be absent from a checkpoint without harm (a fresh head is expected).
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: HF names that are derived from others (tied) or stateless buffers; never needed, never saved.
+    hf_ignored: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    # --- names ----------------------------------------------------------------------------------
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        """HF <-> ours for the bare backbone (no prefixes)."""
+        raise NotImplementedError
+
+    @classmethod
+    def name_map(cls) -> NameMap:
+        """HF <-> ours for this class's whole state dict; task models add their head rules."""
+        return cls.backbone_name_map()
+
+    def is_backbone(self) -> bool:
+        return not hasattr(self, "backbone")
+
+    # --- init -------------------------------------------------------------------------------------
+
+    def init_weights(self) -> None:
+        """BERT-style init: normal(0, initializer_range) for linears and embeddings, ones/zeros for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **config_changes: Any) -> Self:
+        """Load an HF model directory (or a known asset name) with exact weights.
+
+        ``config_changes`` override config fields, e.g. ``num_labels`` via ``extra`` or dropout rates.
+        """
+        path = resolve_path(name_or_path)
+        config = load_config(path)
+        if not isinstance(config, cls.config_class):
+            raise ConfigError(
+                f"{path} holds a {config.model_type!r} model; {cls.__name__} needs {cls.config_class.model_type!r}"
+            )
+        num_labels = config_changes.pop("num_labels", None)
+        if config_changes:
+            config = config.replace(**config_changes)
+        if num_labels is not None and num_labels != config.num_labels:
+            config.extra = {**config.extra, "num_labels": num_labels}
+            config.extra.pop("id2label", None)
+            config.extra.pop("label2id", None)
+        model = cls(config)
+        report = model.load_hf_state_dict(load_state_dict(path))
+        if report.missing or report.unexpected:
+            log.warning("loading %s into %s: %s", path, cls.__name__, report)
+        model.load_report = report
+        return model.eval()
+
+    def load_hf_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> LoadReport:
+        """Load HF-named weights; shape mismatches and missing backbone weights are errors."""
+        name_map = self.name_map()
+        ours = self.state_dict()
+        translated: dict[str, Tensor] = {}
+        unexpected: list[str] = []
+        for raw_name, tensor in state.items():
+            name = self._hf_name_for_this_class(normalize_legacy(raw_name), name_map)
+            if any(name.endswith(ignored) for ignored in self.hf_ignored):
+                continue
+            mine = name_map.to_ours(name)
+            if mine is None or mine not in ours:
+                unexpected.append(raw_name)
+                continue
+            if tuple(tensor.shape) != tuple(ours[mine].shape):
+                raise CheckpointError(
+                    f"checkpoint weight {raw_name} has shape {tuple(tensor.shape)} but the model expects "
+                    f"{tuple(ours[mine].shape)}: the checkpoint's config.json does not match its weights"
+                )
+            translated[mine] = tensor
+        missing = [k for k in ours if k not in translated and not self._derived(k)]
+        fatal = [k for k in missing if not k.startswith(self.head_prefixes)]
+        if fatal and strict:
+            raise CheckpointError(
+                f"checkpoint lacks {len(fatal)} weight(s) of {type(self).__name__}, e.g. {fatal[0]}: "
+                "is it a checkpoint of this architecture? (pass strict=False to initialise them fresh)"
+            )
+        self.load_state_dict(translated, strict=False)
+        return LoadReport(missing=missing, unexpected=unexpected)
+
+    def _derived(self, name: str) -> bool:
+        """Parameters that are views of others (tied) do not need to be loaded."""
+        return name in self.tied_parameters()
+
+    def tied_parameters(self) -> set[str]:
+        return set()
+
+    def _hf_name_for_this_class(self, name: str, name_map: NameMap) -> str:
+        """Add or strip HF's backbone prefix so bare and task checkpoints both load into either class."""
+        prefix = self.hf_backbone_prefix
+        if self.is_backbone():
+            return name[len(prefix):] if prefix and name.startswith(prefix) else name
+        if name.startswith(prefix) or name_map.to_ours(name) is not None:
+            return name
+        return prefix + name
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """Our weights under HF names, without tied copies."""
+        name_map = self.name_map()
+        tied = self.tied_parameters()
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name in tied:
+                continue
+            hf = name_map.to_hf(name)
+            if hf is None:
+                raise CheckpointError(f"no HF name for parameter {name}: extend {type(self).__name__}.name_map")
+            out[hf] = tensor
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with the same outputs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        config.extra = {**config.extra, "architectures": [self.hf_architecture]}
+        config.save(directory)
+        save_state_dict(self.hf_state_dict(), directory / "model.safetensors")
+        return directory
+
+    # --- sizes ------------------------------------------------------------------------------------
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A model directory, or a known asset name fetched on first use."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    try:
+        from ..data.assets import resolve_model_path
+    except ImportError:  # pragma: no cover - assets module always ships
+        raise CheckpointError(f"model path {path} does not exist") from None
+    return resolve_model_path(str(name_or_path))

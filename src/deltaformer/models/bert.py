@@ -1,0 +1,336 @@
+"""BERT (Devlin et al., 2019) and its task heads, loading Hugging Face checkpoints exactly.
+
+The encoder is post-LayerNorm: ``x = norm(x + attn(x))``, ``x = norm(x + mlp(x))``. Attention goes
+through :class:`~deltaformer.nn.attention.SelfAttention`, so SDPA is the fast path and attention weights
+are still returned on request (from the dense reference path, equal to the fast one).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints.names import NameMap
+from ..config import BertConfig
+from ..errors import InputError
+from ..nn.attention import SelfAttention
+from ..nn.mlp import FeedForward, activation
+from .base import EncoderOutput, HeadOutput, PreTrainedModel
+
+BERT_NAMES = NameMap([
+    ("embeddings.word_embeddings", "embeddings.tokens"),
+    ("embeddings.position_embeddings", "embeddings.positions"),
+    ("embeddings.token_type_embeddings", "embeddings.segments"),
+    ("embeddings.LayerNorm", "embeddings.norm"),
+    ("encoder.layer.{i}.attention.output.dense", "layers.{i}.attn.out"),
+    ("encoder.layer.{i}.attention.output.LayerNorm", "layers.{i}.attn_norm"),
+    ("encoder.layer.{i}.attention.self", "layers.{i}.attn"),
+    ("encoder.layer.{i}.intermediate.dense", "layers.{i}.mlp.up"),
+    ("encoder.layer.{i}.output.dense", "layers.{i}.mlp.down"),
+    ("encoder.layer.{i}.output.LayerNorm", "layers.{i}.mlp_norm"),
+    ("pooler.dense", "pooler.dense"),
+])
+
+
+class BertEmbeddings(nn.Module):
+    """Token + segment + learned absolute position embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.segments = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, inputs_embeds: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
+        x = inputs_embeds + self.segments(token_type_ids) + self.positions(position_ids)
+        return self.dropout(self.norm(x))
+
+
+class BertLayer(nn.Module):
+    """One post-LayerNorm encoder block."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(
+            config.hidden_size, config.num_attention_heads, dropout=config.attention_probs_dropout_prob
+        )
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool = False):
+        attended, weights = self.attn(x, key_mask, need_weights=need_weights)
+        x = self.attn_norm(x + self.dropout(attended))
+        return self.mlp_norm(x + self.dropout(self.mlp(x))), weights
+
+
+class Pooler(nn.Module):
+    """tanh(dense(first token)): BERT's sentence vector, trained by next-sentence prediction."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertModel(PreTrainedModel):
+    """The BERT encoder. ``prompt`` is an optional input hook (prompt tuning, P-tuning) that may
+    prepend or replace input embeddings: ``prompt(input_ids, embeds, mask, token_types) -> (embeds, mask, token_types)``.
+    """
+
+    config_class = BertConfig
+    hf_architecture = "BertModel"
+    hf_backbone_prefix = "bert."
+    hf_ignored = ("embeddings.position_ids",)
+
+    def __init__(self, config: BertConfig, add_pooler: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = Pooler(config.hidden_size) if add_pooler else None
+        self.prompt: nn.Module | None = None
+        self.init_weights()
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        return BERT_NAMES
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings.tokens(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        if self.prompt is not None:
+            inputs_embeds, attention_mask, token_type_ids = self.prompt(
+                input_ids, inputs_embeds, attention_mask, token_type_ids
+            )
+            seq = inputs_embeds.shape[1]
+        if position_ids is None:
+            check_length(seq, self.config.max_position_embeddings)
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
+        key_mask = key_mask_from(attention_mask)
+        hidden_states: list[Tensor] = [x]
+        attentions: list[Tensor] = []
+        for layer in self.layers:
+            x, weights = layer(x, key_mask, need_weights=output_attentions)
+            hidden_states.append(x)
+            if weights is not None:
+                attentions.append(weights)
+        return EncoderOutput(
+            last_hidden_state=x,
+            pooler_output=self.pooler(x) if self.pooler is not None else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Out-of-range ids would index garbage (or crash on GPU); say which id is wrong instead."""
+    if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
+        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())
+        raise InputError(f"token id {bad} is outside the vocabulary (size {vocab_size}): use the model's tokenizer")
+
+
+def check_length(seq: int, limit: int) -> None:
+    if seq > limit:
+        raise InputError(
+            f"input of {seq} tokens is longer than the model's {limit} positions: truncate it "
+            "(tokenizer truncation=True, max_length) or convert the model to a Longformer (deltaformer convert-long)"
+        )
+
+
+def key_mask_from(attention_mask: Tensor) -> Tensor | None:
+    """(B, S) 0/1 mask -> bool key mask, or None when nothing is padded (lets SDPA take its fastest kernel)."""
+    mask = attention_mask.to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+# --- task models --------------------------------------------------------------------------------------
+
+
+class BertTaskModel(PreTrainedModel):
+    """A BERT backbone (``self.backbone``) under a task head; HF names the backbone ``bert.``."""
+
+    config_class = BertConfig
+    hf_backbone_prefix = "bert."
+    hf_ignored = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    head_rules: ClassVar[list[tuple[str, str]]] = []
+    add_pooler: ClassVar[bool] = True
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.backbone = BertModel(config, add_pooler=self.add_pooler)
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        return BERT_NAMES
+
+    @classmethod
+    def name_map(cls) -> NameMap:
+        return NameMap(cls.head_rules) + BERT_NAMES.prefixed("bert.", "backbone.")
+
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+               inputs_embeds=None, output_hidden_states=False, output_attentions=False) -> EncoderOutput:
+        return self.backbone(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+
+
+class MLMHead(nn.Module):
+    """Transform (dense, activation, LayerNorm) then project onto the (tied) word embeddings."""
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered copy
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(self.norm(self.act(self.dense(hidden))), self.word_embeddings[0].weight, self.bias)
+
+
+_MLM_RULES = [
+    ("cls.predictions.transform.dense", "mlm_head.dense"),
+    ("cls.predictions.transform.LayerNorm", "mlm_head.norm"),
+    ("cls.predictions.bias", "mlm_head.bias"),
+]
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over masked positions only (labels -100 elsewhere)."""
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
+class BertForMaskedLM(BertTaskModel):
+    hf_architecture = "BertForMaskedLM"
+    head_rules = _MLM_RULES
+    add_pooler = False
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.mlm_head = MLMHead(config, self.backbone.embeddings.tokens)
+        _init_head(self, config, only=(self.mlm_head,))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
+        out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        logits = self.mlm_head(out.last_hidden_state)
+        loss = mlm_loss(logits, labels) if labels is not None else None
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class BertForPreTraining(BertTaskModel):
+    """Masked LM + next-sentence prediction, the two objectives BERT was pretrained with."""
+
+    hf_architecture = "BertForPreTraining"
+    head_rules = [*_MLM_RULES, ("cls.seq_relationship", "nsp_head")]
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.mlm_head = MLMHead(config, self.backbone.embeddings.tokens)
+        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        _init_head(self, config, only=(self.mlm_head, self.nsp_head))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                next_sentence_label=None, **kwargs) -> HeadOutput:
+        out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        logits = self.mlm_head(out.last_hidden_state)
+        nsp_logits = self.nsp_head(out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = mlm_loss(logits, labels) + F.cross_entropy(nsp_logits, next_sentence_label.view(-1))
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                          extra_logits={"seq_relationship": nsp_logits})
+
+
+def classification_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
+    """Cross-entropy for classes, mean squared error for a single regression output."""
+    if num_labels == 1:
+        return F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.max()) >= num_labels or int(valid.min()) < 0):
+        bad = int(valid.max()) if int(valid.max()) >= num_labels else int(valid.min())
+        raise InputError(f"label {bad} is outside the label set 0..{num_labels - 1}: check the label mapping")
+    return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+
+
+class BertForSequenceClassification(BertTaskModel):
+    """Pooled [CLS] -> dropout -> linear classifier (regression when ``num_labels == 1``)."""
+
+    hf_architecture = "BertForSequenceClassification"
+    head_rules = [("classifier", "classifier")]
+    head_prefixes = ("classifier.",)
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        dropout = config.extra.get("classifier_dropout")
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        _init_head(self, config, only=(self.classifier,))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
+        out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class BertForTokenClassification(BertTaskModel):
+    """Per-token linear classifier (tagging); labels -100 are ignored."""
+
+    hf_architecture = "BertForTokenClassification"
+    head_rules = [("classifier", "classifier")]
+    head_prefixes = ("classifier.",)
+    add_pooler = False
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        dropout = config.extra.get("classifier_dropout")
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        _init_head(self, config, only=(self.classifier,))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
+        out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _init_head(model: nn.Module, config: BertConfig, only: tuple[nn.Module, ...] | None = None) -> None:
+    """Initialise head modules the way the backbone is initialised (normal(0, initializer_range))."""
+    for module in only or (model,):
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.normal_(sub.weight, std=config.initializer_range)
+                nn.init.zeros_(sub.bias)
+            elif isinstance(sub, nn.LayerNorm):
+                nn.init.ones_(sub.weight)
+                nn.init.zeros_(sub.bias)

@@ -1,0 +1,42 @@
+"""Position-wise feed-forward blocks and the activations configs name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": F.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """Look up an activation by its Hugging Face config name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown activation {name!r}: use one of {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+class FeedForward(nn.Module):
+    """``down(act(up(x)))``: the two-layer MLP of BERT and GPT-2."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act_name = act
+        self.act = activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
