@@ -85,6 +85,14 @@ class PreTrainedModel(nn.Module):
     #: HF names that are derived from others (tied) or stateless buffers; never needed, never saved.
     hf_ignored: ClassVar[tuple[str, ...]] = ()
 
+    #: Every model class by its HF architecture name, for :func:`deltaformer.models.auto.load_model`.
+    registry: ClassVar[dict[str, type[PreTrainedModel]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("hf_architecture"):
+            PreTrainedModel.registry[cls.hf_architecture] = cls
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -107,6 +115,11 @@ class PreTrainedModel(nn.Module):
 
     def is_backbone(self) -> bool:
         return not hasattr(self, "backbone")
+
+    @classmethod
+    def is_bare_class(cls) -> bool:
+        """True for backbone classes (no task head), which HF names ``<Arch>Model``."""
+        return cls.hf_architecture.endswith("Model") and "For" not in cls.hf_architecture
 
     # --- init -------------------------------------------------------------------------------------
 
