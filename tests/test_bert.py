@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltaformer.errors import CheckpointError, ConfigError, InputError
+from deltaformer.errors import CheckpointError, ConfigError, DeltaformerError, InputError
 from deltaformer.models import (
     BertForMaskedLM,
     BertForPreTraining,
@@ -156,7 +156,7 @@ def test_tiny_mlm_logits_match_transformers(tiny_mlm_dir):
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(Exception, match="does not exist|no config.json|unknown"):
+    with pytest.raises(DeltaformerError, match="neither an existing file or folder nor a known asset"):
         BertModel.from_pretrained(tmp_path / "nope")
 
 

@@ -35,20 +35,11 @@ _NO_LIMIT_ABOVE = int(1e20)  # HF's LARGE_INTEGER: any model_max_length above it
 SPECIAL_KINDS = ("unk", "pad", "cls", "sep", "mask", "bos", "eos")
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 ENDOFTEXT = "<|endoftext|>"
-_PADDINGS = {
-    False: None,
-    "do_not_pad": None,
-    True: "longest",
-    "longest": "longest",
-    "max_length": "max_length",
-}
-_TRUNCATIONS = {
-    False: None,
-    "do_not_truncate": None,
-    True: "longest_first",
-    "longest_first": "longest_first",
-    "only_first": "only_first",
-    "only_second": "only_second",
+# HF's clean_up_tokenization: each of these loses its leading space (" ' " becomes "'")
+_CLEANUPS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+_PADDINGS = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
+_TRUNCATIONS = {False: None, "do_not_truncate": None, True: "longest_first"} | {
+    s: s for s in ("longest_first", "only_first", "only_second")
 }
 
 
@@ -141,6 +132,7 @@ class AutoTokenizer:
             raise TokenizerError(
                 f"{path} has neither tokenizer.json nor vocab.txt; point at the model directory that has them"
             )
+        _add_config_tokens(backend, config)
         return cls(
             backend,
             specials,
@@ -185,16 +177,13 @@ class AutoTokenizer:
             limit = None if self.model_max_length > _NO_LIMIT_ABOVE else self.model_max_length
             pad = None if pad == "max_length" and limit is None else pad
             trunc, max_length = (trunc, limit) if limit is not None else (None, None)
+        padding_side = padding_side or self.padding_side
+        if padding_side not in ("left", "right"):
+            raise TokenizerError(f"padding_side={padding_side!r} should be 'left' or 'right'")
         if pad is not None and self.pad_token_id is None:
             raise TokenizerError("asked to pad but this tokenizer has no pad token; set tok.pad_token first")
         encodings = self._encode(
-            inputs,
-            add_special_tokens,
-            trunc,
-            max_length,
-            pad,
-            pad_to_multiple_of,
-            padding_side or self.padding_side,
+            inputs, add_special_tokens, trunc, max_length, pad, pad_to_multiple_of, padding_side
         )
         out = Encoding(
             input_ids=[e.ids for e in encodings],
@@ -264,9 +253,10 @@ class AutoTokenizer:
         self, text: str, text_pair: str | None = None, add_special_tokens: bool = False
     ) -> list[str]:
         """The token strings of a text, without special tokens unless asked (as HF)."""
-        return self._encode(_inputs(text, text_pair), add_special_tokens, None, None, None, None, "right")[
-            0
-        ].tokens
+        (encoding,) = self._encode(
+            _inputs(text, text_pair), add_special_tokens, None, None, None, None, "right"
+        )
+        return encoding.tokens
 
     # ---- decoding and vocabulary ---------------------------------------------------------------------
 
@@ -284,19 +274,8 @@ class AutoTokenizer:
         )
         # HF skips this cleanup for BPE, where it would delete real spaces before punctuation.
         if clean and type(self._backend.model).__name__ != "BPE":
-            for old, new in (
-                (" .", "."),
-                (" ?", "?"),
-                (" !", "!"),
-                (" ,", ","),
-                (" ' ", "'"),
-                (" n't", "n't"),
-                (" 'm", "'m"),
-                (" 's", "'s"),
-                (" 've", "'ve"),
-                (" 're", "'re"),
-            ):
-                text = text.replace(old, new)
+            for old in _CLEANUPS:
+                text = text.replace(old, old.strip() if old != " ' " else "'")
         return text
 
     def batch_decode(
@@ -318,9 +297,9 @@ class AutoTokenizer:
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> Any:
         """Token strings of ids (one id gives one string)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
         if isinstance(ids, int):
             return self._backend.id_to_token(ids)
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._backend.id_to_token(i) for i in ids if i not in skip]
 
@@ -505,9 +484,9 @@ def train_tokenizer(
 
 
 def _resolve(path_or_asset: str | Path) -> Path:
-    """An existing path as is; otherwise ask the asset registry, when it is installed, what the name means."""
+    """An existing path or a path with folders as is; a bare name goes to the asset registry when installed."""
     path = Path(path_or_asset).expanduser()
-    if path.exists():
+    if path.exists() or len(path.parts) != 1:  # only a bare name can be an asset
         return path
     try:
         from .data.assets import resolve_model_path
@@ -536,13 +515,18 @@ def _bert_from_vocab(vocab_file: Path, config: dict[str, Any], specials: dict[st
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
-    for _, tok in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-        options = {
-            k: tok[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in tok
-        }
-        backend.add_tokens([AddedToken(tok["content"], **options)])
     backend.post_processor = _bert_template(backend, specials["cls"] or "[CLS]", specials["sep"] or "[SEP]")
     return backend
+
+
+def _add_config_tokens(backend: Tokenizer, config: dict[str, Any]) -> None:
+    """Added tokens that HF lists in tokenizer_config.json but the backend lacks (always so for vocab.txt)."""
+    known = {t.content for t in backend.get_added_tokens_decoder().values()}
+    entries = config.get("added_tokens_decoder") or {}
+    for _, tok in sorted(entries.items(), key=lambda kv: int(kv[0])):
+        if isinstance(tok, dict) and tok.get("content") and tok["content"] not in known:
+            options = ("single_word", "lstrip", "rstrip", "normalized", "special")
+            backend.add_tokens([AddedToken(tok["content"], **{k: tok[k] for k in options if k in tok})])
 
 
 def _bert_template(backend: Tokenizer, cls: str, sep: str) -> processors.TemplateProcessing:
@@ -564,13 +548,23 @@ def _inputs(text: Any, text_pair: Any) -> list:
                 "text is one string but text_pair is not; pass both as strings or both as lists"
             )
         return [text if text_pair is None else (text, text_pair)]
-    if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+    if not isinstance(text, (list, tuple)):
         raise TokenizerError(f"text must be a string or a list of strings, not {type(text).__name__}")
+    if text_pair is None and text and all(_is_pair(t) for t in text):
+        return [tuple(t) for t in text]  # a batch of (text, text_pair) tuples, as HF accepts
+    if not all(isinstance(t, str) for t in text):
+        raise TokenizerError(
+            "text must be a string, a list of strings, or a list of (text, text_pair) tuples"
+        )
     if text_pair is None:
         return list(text)
     if isinstance(text_pair, str) or len(text_pair) != len(text):
         raise TokenizerError("text_pair must be a list as long as text when text is a list")
     return list(zip(text, text_pair))
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
 
 
 def _to_tensors(enc: Encoding, kind: str) -> Encoding:
@@ -580,11 +574,15 @@ def _to_tensors(enc: Encoding, kind: str) -> Encoding:
     if kind == "pt":
         import torch
 
-        return Encoding({k: torch.tensor(v, dtype=torch.long).reshape(len(v), -1) for k, v in enc.items()})
+        return Encoding(
+            {k: torch.tensor(v, dtype=torch.long).reshape(len(v), -1 if v else 0) for k, v in enc.items()}
+        )
     if kind == "np":
         import numpy as np
 
-        return Encoding({k: np.asarray(v, dtype=np.int64).reshape(len(v), -1) for k, v in enc.items()})
+        return Encoding(
+            {k: np.asarray(v, dtype=np.int64).reshape(len(v), -1 if v else 0) for k, v in enc.items()}
+        )
     raise TokenizerError(f"return_tensors={kind!r} is not supported; use 'pt', 'np' or None for lists")
 
 

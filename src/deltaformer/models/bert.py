@@ -66,8 +66,13 @@ class BertLayer(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool = False):
         attended, weights = self.attn(x, key_mask, need_weights=need_weights)
-        x = self.attn_norm(x + self.dropout(attended))
-        return self.mlp_norm(x + self.dropout(self.mlp(x))), weights
+        x = self.attn_norm(residual_add(self.dropout(attended), x))
+        return self.mlp_norm(residual_add(self.dropout(self.mlp(x)), x)), weights
+
+
+def residual_add(branch: Tensor, x: Tensor) -> Tensor:
+    """``branch + x``, in place into the fresh ``branch`` when no gradient is recorded (one allocation less)."""
+    return branch.add_(x) if not torch.is_grad_enabled() else branch + x
 
 
 class Pooler(nn.Module):
@@ -134,11 +139,12 @@ class BertModel(PreTrainedModel):
             position_ids = torch.arange(seq, device=device).expand(batch, seq)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         key_mask = key_mask_from(attention_mask)
-        hidden_states: list[Tensor] = [x]
+        hidden_states: list[Tensor] = [x] if output_hidden_states else []
         attentions: list[Tensor] = []
         for layer in self.layers:
             x, weights = layer(x, key_mask, need_weights=output_attentions)
-            hidden_states.append(x)
+            if output_hidden_states:  # keeping them otherwise would pin memory the allocator could reuse
+                hidden_states.append(x)
             if weights is not None:
                 attentions.append(weights)
         return EncoderOutput(
