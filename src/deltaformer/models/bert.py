@@ -157,6 +157,8 @@ class BertModel(PreTrainedModel):
 
 def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
     """Out-of-range ids would index garbage (or crash on GPU); say which id is wrong instead."""
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph; eager runs check
+        return
     if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
         bad = int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())
         raise InputError(f"token id {bad} is outside the vocabulary (size {vocab_size}): use the model's tokenizer")
@@ -173,6 +175,8 @@ def check_length(seq: int, limit: int) -> None:
 def key_mask_from(attention_mask: Tensor) -> Tensor | None:
     """(B, S) 0/1 mask -> bool key mask, or None when nothing is padded (lets SDPA take its fastest kernel)."""
     mask = attention_mask.to(torch.bool)
+    if torch.compiler.is_compiling():
+        return mask
     return None if bool(mask.all()) else mask
 
 
