@@ -156,6 +156,111 @@ class BertConfig(ModelConfig):
             )
 
 
+@dataclass
+class LongformerConfig(BertConfig):
+    """Longformer (Beltagy et al. 2020): RoBERTa-style BERT whose attention is a sliding window + global tokens.
+
+    ``attention_window``: Hugging Face's two-sided window (even), one value or one per layer; a layer's
+    one-sided window is half of it. ``attention_dilation`` (deltaformer only; Hugging Face ignores it, so keep
+    it 1 for checkpoints meant for ``transformers``): one value, or one per layer, each an int or one per head.
+    Position ids count from ``pad_token_id + 1``, as in RoBERTa.
+    """
+
+    model_type: ClassVar[str] = "longformer"
+
+    pad_token_id: int | None = 1
+    attention_window: int | list[int] = 512
+    attention_dilation: int | list[int | list[int]] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("attention_window", "attention_dilation"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.num_hidden_layers:
+                raise ConfigError(f"{name} lists {len(value)} values for {self.num_hidden_layers} layers: give one per layer")
+        windows = self.attention_window if isinstance(self.attention_window, list) else [self.attention_window]
+        if any(w <= 0 or w % 2 for w in windows):
+            raise ConfigError(f"attention_window {self.attention_window} must be positive and even (it spans both sides)")
+
+    def window(self, layer: int) -> int:
+        """One-sided window of ``layer``."""
+        windows = self.attention_window
+        return (windows[layer] if isinstance(windows, list) else windows) // 2
+
+    def dilation(self, layer: int) -> int | list[int]:
+        """Dilation of ``layer``: one value, or one per head."""
+        dilations = self.attention_dilation
+        return dilations[layer] if isinstance(dilations, list) else dilations
+
+
+#: ModelConfig fields an LEDConfig derives from its own (Hugging Face's names), and never writes out.
+_LED_ALIASES = {
+    "hidden_size": "d_model", "num_hidden_layers": "encoder_layers", "num_attention_heads": "encoder_attention_heads",
+    "intermediate_size": "encoder_ffn_dim", "hidden_act": "activation_function",
+    "max_position_embeddings": "max_encoder_position_embeddings", "initializer_range": "init_std",
+}
+
+
+@dataclass
+class LEDConfig(ModelConfig):
+    """LED (Beltagy et al. 2020): a Longformer encoder and a full-attention decoder with cross-attention,
+    under Hugging Face's field names; the shared ModelConfig fields mirror the encoder's."""
+
+    model_type: ClassVar[str] = "led"
+
+    vocab_size: int = 50265
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    max_encoder_position_embeddings: int = 16384
+    max_decoder_position_embeddings: int = 1024
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    attention_window: int | list[int] = 512
+    attention_dilation: int | list[int | list[int]] = 1
+    pad_token_id: int | None = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        for ours, theirs in _LED_ALIASES.items():
+            setattr(self, ours, getattr(self, theirs))
+        super().__post_init__()
+        if self.d_model % self.decoder_attention_heads:
+            raise ConfigError(f"d_model {self.d_model} is not a multiple of decoder_attention_heads "
+                              f"{self.decoder_attention_heads}")
+        self.encoder_config()  # checks the windows
+
+    @classmethod
+    def check_supported(cls, extra: dict[str, Any]) -> None:
+        for key in ("activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
+            if extra.get(key, 0.0):
+                raise ConfigError(f"{key}={extra[key]} is not supported: deltaformer's LED trains without it (set 0)")
+
+    def encoder_config(self) -> LongformerConfig:
+        """The encoder as a Longformer config (its layers are Longformer layers)."""
+        return LongformerConfig(
+            vocab_size=self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.encoder_layers,
+            num_attention_heads=self.encoder_attention_heads, intermediate_size=self.encoder_ffn_dim,
+            hidden_act=self.activation_function, hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.attention_dropout, layer_norm_eps=1e-5, pad_token_id=self.pad_token_id,
+            attention_window=self.attention_window, attention_dilation=self.attention_dilation,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for alias in _LED_ALIASES:
+            data.pop(alias)
+        return data
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` from a model directory (or the file itself) into the right config class."""
     return ModelConfig.from_file(path)

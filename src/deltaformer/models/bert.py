@@ -88,7 +88,8 @@ class Pooler(nn.Module):
 
 class BertModel(PreTrainedModel):
     """The BERT encoder. ``prompt`` is an optional input hook (prompt tuning, P-tuning) that may
-    prepend or replace input embeddings: ``prompt(input_ids, embeds, mask, token_types) -> (embeds, mask, token_types)``.
+    prepend or replace input embeddings: ``prompt(input_ids, embeds, mask, token_types) -> (embeds, mask, token_types)``,
+    optionally with a fourth element, position ids or None (prefix tuning shifts positions past its slots, as HF does).
     """
 
     config_class = BertConfig
@@ -130,9 +131,10 @@ class BertModel(PreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         if self.prompt is not None:
-            inputs_embeds, attention_mask, token_type_ids = self.prompt(
-                input_ids, inputs_embeds, attention_mask, token_type_ids
-            )
+            prompted = self.prompt(input_ids, inputs_embeds, attention_mask, token_type_ids)
+            inputs_embeds, attention_mask, token_type_ids = prompted[:3]
+            if position_ids is None and len(prompted) > 3:  # prefix tuning starts positions after its slots
+                position_ids = prompted[3]
             seq = inputs_embeds.shape[1]
         if position_ids is None:
             check_length(seq, self.config.max_position_embeddings)

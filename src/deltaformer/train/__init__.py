@@ -5,7 +5,7 @@ from .distributed import DistEnv, init_distributed
 from .evaluation import evaluate, predict_probabilities
 from .schedule import WarmupDecay, make_scheduler
 from .seeding import seed_everything
-from .trainer import Trainer, TrainConfig
+from .trainer import TrainConfig, Trainer
 
 __all__ = [
     "DistEnv",

@@ -61,7 +61,7 @@ def optimizer_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor])
     for index, entries in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
 def save_checkpoint(path: Path, ckpt: TrainingCheckpoint) -> None:

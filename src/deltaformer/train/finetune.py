@@ -25,7 +25,7 @@ from .evaluation import evaluate
 from .methods import MethodSpec
 from .runs import build_classifier, read_run_info, save_run_model, trainable_state, write_run_info
 from .seeding import seed_everything
-from .trainer import RESULTS, Trainer, TrainConfig, write_json
+from .trainer import RESULTS, TrainConfig, Trainer, write_json
 
 log = logging.getLogger("deltaformer")
 

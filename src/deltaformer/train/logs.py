@@ -63,12 +63,16 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, metric: str = "accur
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
         ax_metric.plot([r["step"] for r in val], [r.get(metric, float("nan")) for r in val], "o-", color="C2",
                        label=f"validation {metric}")
+        pick = min if metric == "loss" else max
+        best = pick(val, key=lambda r: r.get(metric, float("nan")))
+        ax_metric.set_title(f"best {metric} {best.get(metric, float('nan')):.4f} at step {best['step']}")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_metric.set_xlabel("optimizer step")
     ax_metric.set_ylabel(metric)
-    ax_metric.legend()
+    if val:
+        ax_metric.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -63,7 +63,7 @@ class TrainConfig:
     patience: int | None = None  # evaluations without improvement before stopping early
     load_best: bool = True  # end with the weights of the best evaluation
     seed: int = 0
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop after N optimizer steps (overrides epochs)
     log_every: int = 10
     progress: bool = True
     device: str | None = None
@@ -161,8 +161,9 @@ class Trainer:
         elif env.is_main:
             if resume:
                 log.warning("no checkpoint in %s: starting from the beginning", self.run_dir)
-            self.metrics_log.reset()
-            (self.run_dir / BEST).unlink(missing_ok=True)
+            self.metrics_log.reset()  # a fresh run in an old directory must not resume or report stale state
+            for stale in (BEST, CHECKPOINT, *(p.name for p in self.run_dir.glob("rng-rank*.safetensors"))):
+                (self.run_dir / stale).unlink(missing_ok=True)
         barrier(env)
 
         wrapped: nn.Module = model
@@ -183,26 +184,10 @@ class Trainer:
             batches = iter(loader)
             while remaining > 0 and not done:
                 group = min(cfg.grad_accum, remaining)
-                step_loss = torch.zeros((), device=env.device)
-                for i in range(group):
-                    batch = move(next(batches), env.device)
-                    sync = not env.distributed or i == group - 1
-                    with (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                        with autocast(env.device, cfg.bf16):
-                            loss = wrapped(**batch).loss / group
-                        loss.backward()
-                    step_loss += loss.detach().float()
-                    progress.window_examples += int(batch["labels"].shape[0])
+                self._optimizer_step(wrapped, batches, group, optimizer, scheduler, progress)
                 remaining -= group
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 progress.global_step += 1
                 progress.step_in_epoch += 1
-                progress.window_loss += step_loss.item()
-                progress.window_steps += 1
                 end_of_epoch = remaining == 0
                 if end_of_epoch:
                     progress.epoch += 1
@@ -212,19 +197,8 @@ class Trainer:
 
                 step = progress.global_step
                 if step % cfg.log_every == 0 or done or end_of_epoch:
-                    stats = torch.tensor([progress.window_loss, progress.window_steps, progress.window_examples],
-                                         dtype=torch.float64, device=env.device)
-                    all_reduce_sum(stats, env)
-                    elapsed = max(1e-9, time.perf_counter() - window_start)
-                    record = {"split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "loss": stats[0].item() / stats[1].item(), "lr": scheduler.get_last_lr()[0],
-                              "examples_per_second": stats[2].item() / elapsed}
-                    progress.examples_seen += int(stats[2].item())
-                    if env.is_main:
-                        self.metrics_log.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    ex_s=f"{record['examples_per_second']:.1f}")
-                    progress.window_loss, progress.window_steps, progress.window_examples = 0.0, 0, 0
+                    self._log_train(progress, scheduler.get_last_lr()[0], steps_per_epoch,
+                                    time.perf_counter() - window_start, bar)
                     window_start = time.perf_counter()
 
                 evaluated = False
@@ -248,6 +222,43 @@ class Trainer:
                         self.env, self.config.bf16)
 
     # ---- internals ------------------------------------------------------------------------------------
+
+    def _optimizer_step(self, wrapped: nn.Module, batches, group: int, optimizer, scheduler,
+                        progress: Progress) -> None:
+        """Forward/backward ``group`` micro-batches (gradients all-reduced only on the last), clip, step."""
+        cfg, env = self.config, self.env
+        step_loss = torch.zeros((), device=env.device)
+        for i in range(group):
+            batch = move(next(batches), env.device)
+            sync = not env.distributed or i == group - 1
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                with autocast(env.device, cfg.bf16):
+                    loss = wrapped(**batch).loss / group
+                loss.backward()
+            step_loss += loss.detach().float()
+            progress.window_examples += int(batch["labels"].shape[0])
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.window_loss += step_loss.item()
+        progress.window_steps += 1
+
+    def _log_train(self, progress: Progress, lr: float, steps_per_epoch: int, seconds: float, bar) -> None:
+        """One ``train`` record: loss averaged over the steps (and processes) since the last record."""
+        stats = torch.tensor([progress.window_loss, progress.window_steps, progress.window_examples],
+                             dtype=torch.float64, device=self.env.device)
+        all_reduce_sum(stats, self.env)
+        step = progress.global_step
+        record = {"split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                  "loss": stats[0].item() / stats[1].item(), "lr": lr,
+                  "examples_per_second": stats[2].item() / max(1e-9, seconds)}
+        progress.examples_seen += int(stats[2].item())
+        progress.window_loss, progress.window_steps, progress.window_examples = 0.0, 0, 0
+        if self.env.is_main:
+            self.metrics_log.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{record['examples_per_second']:.1f}")
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if self.config.checkpoint_full_model:

@@ -1,0 +1,157 @@
+"""``deltaformer finetune MODEL --task T | --train F --method M --out DIR``: train a classifier.
+
+Works under ``torchrun --nproc_per_node N -m deltaformer.cli.main finetune ...`` too (data parallel; the
+batch size is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data.tabular import Fields
+from ..data.tasks import TASKS
+from ..train.finetune import FinetuneSpec, finetune
+from ..train.methods import DEFAULT_LR, METHODS, MethodSpec
+from ..train.schedule import SCHEDULES
+from ..train.trainer import PLOT, TrainConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a classifier on a built-in task or your CSV/TSV/JSONL files",
+        description="Fine-tune MODEL (a model directory or asset name such as minilm) for classification "
+        "with a full or parameter-efficient method. Writes metrics, a plot, checkpoints and the model to --out.",
+        formatter_class=DefaultsFormatter,
+    )
+    p.add_argument("model", help="model directory or asset name (e.g. minilm)")
+    add_data_args(p)
+    add_method_args(p)
+    add_training_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Show an option's default in --help when it has a meaningful one and the help text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (a built-in task, or your own files)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", choices=sorted(TASKS), help="built-in task with fixed 80/10/10 splits")
+    src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl)")
+    g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
+    g.add_argument("--test", type=Path, help="test file, scored at the end")
+    g.add_argument("--text-field", default="text", help="column/key of the text")
+    g.add_argument("--pair-field", default=None, help="column/key of a second text (sentence-pair tasks)")
+    g.add_argument("--label-field", default="label", help="column/key of the label")
+    g.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows with missing text/label, bad encoding or unknown labels (and count them) "
+                   "instead of stopping with an error")
+
+
+def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default=default, help="what to train")
+    g.add_argument("--rank", type=int, help="LoRA rank r (default 16)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
+    g.add_argument("--dropout", type=float, help="dropout inside the delta (LoRA default 0.1)")
+    g.add_argument("--targets", help="comma-separated module names the delta wraps, e.g. query,value or "
+                   "all-linear (LoRA default query,value)")
+    g.add_argument("--bottleneck", type=int, help="adapter bottleneck size (default 64)")
+    g.add_argument("--prefix-length", type=int, help="prefix / P-tuning v2 key-value slots (default 16)")
+    g.add_argument("--num-virtual-tokens", type=int, help="prompt / P-tuning soft tokens (default 16)")
+
+
+def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=32, help="examples per step and process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 5e-5 for full, 2e-3 for LoRA, 1e-3 for adapters/BitFit, "
+                   "3e-3 for IA3 and prompts)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warmup")
+    g.add_argument("--schedule", choices=SCHEDULES, default="linear", help="decay after warmup")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--max-length", type=int, default=None, help="tokens per example (default: task's, or 128)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: each epoch)")
+    g.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps")
+    g.add_argument("--patience", type=int, default=None, help="stop after N evaluations without improvement")
+    g.add_argument("--metric", choices=("accuracy", "macro_f1", "loss"), default="accuracy",
+                   help="validation metric that picks the best checkpoint")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def method_from_args(args: argparse.Namespace) -> MethodSpec:
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    options = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "targets": targets,
+               "bottleneck": args.bottleneck, "prefix_length": args.prefix_length,
+               "num_virtual_tokens": args.num_virtual_tokens}
+    relevant = {
+        "lora": ("rank", "alpha", "dropout", "targets"), "adapter": ("bottleneck", "dropout", "targets"),
+        "prefix": ("prefix_length",), "ptuning2": ("prefix_length",), "prompt": ("num_virtual_tokens",),
+        "ptuning": ("num_virtual_tokens",), "ia3": ("targets",), "bitfit": (), "full": (), "probe": (),
+    }[args.method]
+    given = {k: v for k, v in options.items() if v is not None}
+    unused = sorted(set(given) - set(relevant))
+    if unused:
+        from ..errors import ConfigError
+
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise ConfigError(f"{flags} do(es) not apply to --method {args.method}")
+    return MethodSpec(args.method, given)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.method], weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm or None,
+        bf16=args.bf16, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
+        patience=args.patience, seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress,
+        device=args.device,
+    )
+
+
+def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
+    return FinetuneSpec(
+        model=args.model, out=args.out, method=method_from_args(args), task=args.task, train_file=args.train,
+        validation_file=args.validation, test_file=args.test,
+        fields=Fields(args.text_field, args.pair_field, args.label_field), skip_bad_rows=args.skip_bad_rows,
+        max_length=args.max_length, train=train_config_from_args(args), resume=args.resume,
+    )
+
+
+def print_summary(results: dict, out: Path) -> None:
+    val = results.get("validation") or {}
+    print(f"method {results['method']}: {results['trainable_parameters']:,} trainable parameters "
+          f"({results['trainable_percent']:.2f}% of {results['total_parameters']:,})")
+    if val:
+        print(f"best validation accuracy {val['accuracy']:.4f} (step {results['best_step']})")
+    if "test" in results:
+        test = results["test"]
+        print(f"test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['examples']} examples")
+    print(f"trained in {results['train_seconds']:.0f} s ({results['wall_seconds']:.0f} s wall); "
+          f"run saved in {out}; plot: {out / PLOT}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.distributed import init_distributed
+
+    results = finetune(spec_from_args(args))
+    if init_distributed(args.device).is_main:
+        print_summary(results, args.out)
+    return 0
