@@ -1,0 +1,285 @@
+"""Longformer (Beltagy et al., 2020), loading Hugging Face checkpoints exactly.
+
+A Longformer layer is a :class:`~deltaformer.models.bert.BertLayer` whose self-attention is
+:class:`~deltaformer.nn.sliding.LongformerSelfAttention` (sliding window + global tokens, linear memory);
+embeddings are BERT's with RoBERTa's position ids (counting from ``pad_token_id + 1``). Unlike Hugging Face,
+inputs are not padded to a multiple of the window here: the banded kernel pads per block, internally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints.names import NameMap
+from ..config import BertConfig, LongformerConfig
+from ..errors import ConfigError, InputError
+from ..nn.sliding import GlobalTokens, LongformerMask, LongformerSelfAttention
+from .base import EncoderOutput, HeadOutput, PreTrainedModel, resolve_path
+from .bert import (
+    BERT_NAMES,
+    BertEmbeddings,
+    BertForSequenceClassification,
+    BertLayer,
+    BertModel,
+    Pooler,
+    _init_head,
+    check_length,
+    check_token_ids,
+    classification_loss,
+    key_mask_from,
+)
+
+
+@dataclass
+class LongformerOutput(EncoderOutput):
+    """Encoder outputs plus ``global_attentions``: per layer (B, H, S, G), what each global token gives each
+    position. ``attentions`` are per layer (B, H, S, G + 2w + 1): global keys first, then the window."""
+
+    global_attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class LongformerHeadOutput(HeadOutput):
+    global_attentions: tuple[Tensor, ...] | None = None
+
+
+class LongformerEmbeddings(BertEmbeddings):
+    """BERT's embeddings; the position table has a padding row, as RoBERTa's (its gradient stays zero)."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__(config)
+        self.positions = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                      padding_idx=config.pad_token_id)
+
+
+def position_ids_from(input_ids: Tensor, pad_token_id: int) -> Tensor:
+    """RoBERTa's positions: real tokens count from ``pad_token_id + 1``, pad tokens keep ``pad_token_id``."""
+    real = input_ids.ne(pad_token_id)
+    return torch.cumsum(real, dim=1) * real + pad_token_id
+
+
+class LongformerLayer(BertLayer):
+    """A BERT layer whose self-attention is sliding window + global tokens (window and dilation per layer)."""
+
+    def __init__(self, config: LongformerConfig, index: int) -> None:
+        super().__init__(config)
+        self.attn = LongformerSelfAttention(
+            config.hidden_size, config.num_attention_heads, window=config.window(index),
+            dilation=config.dilation(index), dropout=config.attention_probs_dropout_prob,
+        )
+
+
+class LongformerModel(PreTrainedModel):
+    """The Longformer encoder; ``global_attention_mask`` (B, S) marks tokens with global attention (1)."""
+
+    config_class = LongformerConfig
+    hf_architecture = "LongformerModel"
+    hf_backbone_prefix = "longformer."
+    hf_ignored = ("embeddings.position_ids",)
+
+    def __init__(self, config: LongformerConfig, add_pooler: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = LongformerEmbeddings(config)
+        self.layers = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.pooler = Pooler(config.hidden_size) if add_pooler else None
+        self.init_weights()
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        return BERT_NAMES  # the global projections sit under attention.self like the local ones
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        global_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> LongformerOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings.tokens(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        if position_ids is None:
+            pad = self.config.pad_token_id or 0
+            check_length(seq, self.config.max_position_embeddings - pad - 1)
+            position_ids = (position_ids_from(input_ids, pad) if input_ids is not None
+                            else torch.arange(pad + 1, seq + pad + 1, device=device).expand(batch, seq))
+        x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
+        out = run_layers(self.layers, x, attention_mask, global_attention_mask, output_hidden_states,
+                         output_attentions)
+        out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
+        return out
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    x: Tensor,
+    attention_mask: Tensor,
+    global_attention_mask: Tensor | None,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> LongformerOutput:
+    """Longformer layers over embedded inputs (shared with LED's encoder): global positions are found once."""
+    if global_attention_mask is not None:  # as Hugging Face: a padded position is never global
+        global_attention_mask = global_attention_mask.to(torch.bool) & attention_mask.to(torch.bool)
+    mask = LongformerMask(key_mask_from(attention_mask), GlobalTokens.from_mask(global_attention_mask))
+    hidden_states: list[Tensor] = [x] if output_hidden_states else []
+    local: list[Tensor] = []
+    global_: list[Tensor] = []
+    for layer in layers:
+        x, weights = layer(x, mask, need_weights=output_attentions)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if weights is not None:
+            local.append(weights[0])
+            if weights[1] is not None:
+                global_.append(weights[1].transpose(2, 3))
+    return LongformerOutput(
+        last_hidden_state=x,
+        hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        attentions=tuple(local) if output_attentions else None,
+        global_attentions=tuple(global_) if global_ else None,
+    )
+
+
+class LongformerClassificationHead(nn.Module):
+    """Hugging Face's head: dropout, dense + tanh on the first (<s>) token, dropout, out_proj."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__()
+        dropout = config.extra.get("classifier_dropout")
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x = torch.tanh(self.dense(self.dropout(hidden_states[:, 0])))
+        return self.out_proj(self.dropout(x))
+
+
+class LongformerForSequenceClassification(PreTrainedModel):
+    """Longformer + classification head; without a ``global_attention_mask`` the first token is global,
+    as Hugging Face does."""
+
+    config_class = LongformerConfig
+    hf_architecture = "LongformerForSequenceClassification"
+    hf_backbone_prefix = "longformer."
+    hf_ignored = ("embeddings.position_ids",)
+    head_prefixes = ("classifier.",)
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__(config)
+        self.backbone = LongformerModel(config, add_pooler=False)
+        self.classifier = LongformerClassificationHead(config)
+        _init_head(self, config, only=(self.classifier,))
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        return BERT_NAMES
+
+    @classmethod
+    def name_map(cls) -> NameMap:
+        return NameMap([("classifier", "classifier")]) + BERT_NAMES.prefixed("longformer.", "backbone.")
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                labels=None, **kwargs) -> LongformerHeadOutput:
+        if global_attention_mask is None:
+            reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
+            global_attention_mask = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
+            global_attention_mask[:, 0] = 1
+        out = self.backbone(input_ids, attention_mask, global_attention_mask, token_type_ids, **kwargs)
+        logits = self.classifier(out.last_hidden_state)
+        loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
+        return LongformerHeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                    attentions=out.attentions, global_attentions=out.global_attentions)
+
+
+# --- BERT -> Longformer -------------------------------------------------------------------------------
+
+#: Files of a tokenizer that a converted model keeps (whichever exist).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def convert_bert_to_longformer(model: str | Path, max_length: int, window: int, out_dir: str | Path) -> Path:
+    """Turn a BERT checkpoint (directory or asset name) into a Longformer that reads ``max_length`` tokens
+    with a one-sided ``window`` (Hugging Face's ``attention_window`` is ``2 * window``), written to ``out_dir``.
+
+    As allenai's conversion notebook does: the learned position table is copied over and over to the new
+    length and every layer's global projections start as copies of its local ones, so up to the old length,
+    with a window covering the input, the Longformer computes what the BERT did. Positions are RoBERTa-style
+    (``transformers.LongformerModel`` counts them from ``pad_token_id + 1``): row ``pad + 1 + i`` holds BERT's
+    position ``i mod old_length``. A ``BertForSequenceClassification`` becomes a
+    ``LongformerForSequenceClassification`` (BERT's pooler + classifier are exactly Longformer's head); other
+    heads are dropped. Tokenizer files are copied, with ``model_max_length`` raised to ``max_length``.
+    """
+    from .auto import load_model
+
+    source = resolve_path(model)
+    bert = load_model(source)
+    if type(bert.config) is not BertConfig:
+        raise ConfigError(f"{source} holds a {bert.config.model_type!r} model: convert-long converts BERT checkpoints")
+    if max_length < 1 or window < 1:
+        raise ConfigError(f"max_length ({max_length}) and window ({window}) must be positive")
+    backbone: BertModel = bert if isinstance(bert, BertModel) else bert.backbone
+    pad = bert.config.pad_token_id or 0
+    fields = {f.name: getattr(bert.config, f.name) for f in dataclasses.fields(BertConfig) if f.name != "extra"}
+    extra = {k: v for k, v in bert.config.extra.items() if k not in ("architectures", "_name_or_path")}
+    config = LongformerConfig(**{**fields, "max_position_embeddings": max_length + pad + 1, "pad_token_id": pad},
+                              attention_window=2 * window, extra=extra)
+    classify = isinstance(bert, BertForSequenceClassification)
+    long = LongformerForSequenceClassification(config) if classify else \
+        LongformerModel(config, add_pooler=backbone.pooler is not None)
+    target: LongformerModel = long.backbone if classify else long
+    weights = {k: v for k, v in backbone.state_dict().items() if k != "embeddings.positions.weight"}
+    if classify:
+        weights = {k: v for k, v in weights.items() if not k.startswith("pooler.")}
+    target.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        for layer in target.layers:
+            for name in ("query", "key", "value"):
+                getattr(layer.attn, f"{name}_global").load_state_dict(getattr(layer.attn, name).state_dict())
+        _tile_positions(backbone.embeddings.positions.weight, target.embeddings.positions.weight, pad + 1)
+        if classify:
+            long.classifier.dense.load_state_dict(backbone.pooler.dense.state_dict())
+            long.classifier.out_proj.load_state_dict(bert.classifier.state_dict())
+    out = long.save_pretrained(out_dir)
+    _copy_tokenizer(source, out, max_length)
+    return out
+
+
+def _tile_positions(old: Tensor, new: Tensor, offset: int) -> None:
+    """``new[offset + i] = old[i mod len(old)]``; rows before ``offset`` (the padding row) are zero."""
+    new.zero_()
+    for start in range(0, new.shape[0] - offset, old.shape[0]):
+        rows = min(old.shape[0], new.shape[0] - offset - start)
+        new[offset + start:offset + start + rows] = old[:rows]
+
+
+def _copy_tokenizer(source: Path, out: Path, max_length: int) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    settings = out / "tokenizer_config.json"
+    if settings.is_file():
+        data = json.loads(settings.read_text(encoding="utf-8"))
+        data["model_max_length"] = max_length
+        settings.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
