@@ -1,0 +1,162 @@
+"""Bottleneck adapters: ``h + up(act(down(h)))`` after a projection, before dropout, residual and LayerNorm.
+
+Houlsby et al. (2019) place one after the attention output projection and one after the feed-forward down
+projection; Pfeiffer et al. (2021) only the latter. We wrap ``attn.out`` / ``mlp.down`` and add the
+adapter to their output. The up projection starts at zero, so a fresh adapter is the identity.
+Stacked per layer: ``down`` (n, r_max, dim), ``down_bias`` (n, r_max), ``up`` (n, dim, r_max), ``up_bias``
+(n, dim); smaller sizes are zero-padded, exact because every activation offered maps 0 to 0.
+Adapters cannot merge: the non-linearity sits between two matrices, so no single weight equals them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import (
+    DeltaConfig,
+    DeltaError,
+    DeltaRouter,
+    DeltaWrapper,
+    Selection,
+    StackedDelta,
+    WrapperMethod,
+    check_shape,
+    kaiming_rows,
+    match_targets,
+    register,
+)
+
+#: Non-linearities with act(0) == 0 (zero padding of smaller adapters stays exact).
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
+PLACES = {"houlsby": ("attn.out", "mlp.down"), "pfeiffer": ("mlp.down",)}
+
+
+@dataclass
+class AdapterConfig(DeltaConfig):
+    """``kind``: "houlsby" (after attention and feed-forward) or "pfeiffer" (after feed-forward only);
+    ``bottleneck``: size r; ``residual``: add the adapter to its input (False: replace it)."""
+
+    method: ClassVar[str] = "adapter"
+    kind: str = "houlsby"
+    bottleneck: int = 64
+    non_linearity: str = "relu"
+    residual: bool = True
+    targets: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLACES:
+            raise DeltaError(f"adapter kind {self.kind!r} is unknown: use one of {', '.join(PLACES)}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise DeltaError(f"adapter non_linearity {self.non_linearity!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.bottleneck < 1:
+            raise DeltaError(f"adapter bottleneck {self.bottleneck} must be at least 1")
+
+
+class AdapterPart(StackedDelta):
+    method = "adapter"
+    stacked = ("down", "down_bias", "up", "up_bias")
+
+    def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
+        super().__init__(router)
+        self.dim = wrapper.out_features
+        self.sizes: list[int] = []
+        self.acts: list[str] = []
+        self.residuals: list[bool] = []
+        self.register_buffer("residual_vec", torch.zeros(0), persistent=False)
+
+    def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper) -> None:
+        r, like = config.bottleneck, wrapper.weight
+        bound = 1 / math.sqrt(self.dim)
+        rows = {
+            "down": kaiming_rows(r, self.dim, like), "down_bias": like.new_empty(r).uniform_(-bound, bound),
+            "up": like.new_zeros(self.dim, r), "up_bias": like.new_zeros(self.dim),
+        }
+        self.stack_add(name, {k: v.detach() for k, v in rows.items()})
+        self.sizes.append(r)
+        self.acts.append(config.non_linearity)
+        self.residuals.append(config.residual)
+        self._vectors()
+
+    def stack_remove(self, name: str) -> int:
+        index = super().stack_remove(name)
+        for values in (self.sizes, self.acts, self.residuals):
+            values.pop(index)
+        self._vectors()
+        return index
+
+    def _vectors(self) -> None:
+        self.residual_vec = torch.tensor([float(r) for r in self.residuals], dtype=self.up.dtype, device=self.up.device)
+
+    def _one(self, h: Tensor, s: int) -> Tensor:
+        r = self.sizes[s]
+        z = ACTIVATIONS[self.acts[s]](F.linear(h, self.down[s, :r], self.down_bias[s, :r]))
+        out = F.linear(z, self.up[s, :, :r], self.up_bias[s])
+        return h + out if self.residuals[s] else out
+
+    def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
+        if sel.index is None:
+            for s in sel.each:
+                y = self._one(y, s)
+            return y
+        index, r = sel.index, max(self.sizes[s] for s in sel.used)
+        h = y.reshape(y.shape[0], -1, self.dim)
+        z = torch.baddbmm(self.down_bias[index, :r][:, None, :], h, self.down[index, :r].transpose(1, 2))
+        acts = {self.acts[s] for s in sel.used}
+        if len(acts) == 1:
+            z = ACTIVATIONS[acts.pop()](z)
+        else:  # one pass per distinct activation (not per sample), each sample picks its own
+            kind = torch.tensor([sorted(acts).index(self.acts[s]) if s in sel.used else 0
+                                 for s in range(len(self.slots))], device=z.device)[index]
+            z = sum(torch.where((kind == i)[:, None, None], ACTIVATIONS[a](z), 0.0) for i, a in enumerate(sorted(acts)))
+        out = torch.baddbmm(self.up_bias[index][:, None, :], z, self.up[index, :, :r].transpose(1, 2))
+        keep = sel.keep_like(out, 2)
+        skip = self.residual_vec[index].to(h.dtype)[:, None, None]
+        if keep is not None:
+            out, skip = out * keep, 1.0 - keep * (1.0 - skip)
+        return (h * skip + out).view_as(y)
+
+    def slot_state(self, s: int) -> dict[str, Tensor]:
+        r = self.sizes[s]
+        return {"adapter_down.weight": self.down[s, :r].detach(), "adapter_down.bias": self.down_bias[s, :r].detach(),
+                "adapter_up.weight": self.up[s, :, :r].detach(), "adapter_up.bias": self.up_bias[s].detach()}
+
+    def load_slot_state(self, s: int, tensors: dict[str, Tensor]) -> None:
+        r = self.sizes[s]
+        shapes = {"adapter_down.weight": (r, self.dim), "adapter_down.bias": (r,), "adapter_up.weight": (self.dim, r),
+                  "adapter_up.bias": (self.dim,)}
+        for key, shape in shapes.items():
+            check_shape(key, tensors[key], shape)
+        with torch.no_grad():
+            for param in (self.down, self.down_bias, self.up, self.up_bias):
+                param[s].zero_()
+            self.down[s, :r].copy_(tensors["adapter_down.weight"])
+            self.down_bias[s, :r].copy_(tensors["adapter_down.bias"])
+            self.up[s, :, :r].copy_(tensors["adapter_up.weight"])
+            self.up_bias[s].copy_(tensors["adapter_up.bias"])
+
+    def slot_numel(self, slot: int) -> int:
+        return self.sizes[slot] * (2 * self.dim + 1) + self.dim
+
+
+class Adapter(WrapperMethod):
+    name = "adapter"
+    config_class = AdapterConfig
+    peft_type = "DELTAFORMER_ADAPTER"
+    merge_reason = "a non-linearity sits between its two projections, so no single weight matrix equals it"
+    part_class = AdapterPart
+    part_keys = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+
+    def targets(self, model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+        names = config.targets if config.targets is not None else PLACES[config.kind]
+        return {p: {} for p in match_targets(model, names, (nn.Linear,), config.layers)}
+
+
+register(Adapter())

@@ -1,0 +1,79 @@
+"""BitFit (Ben Zaken et al., 2022): train only the bias terms.
+
+Each delta stores bias *deltas* (zero-initialised), stacked per layer as ``delta`` (n_deltas, dim), and adds
+them to the layer's output; the base biases stay frozen. That is what lets samples of one batch use
+different BitFit deltas, and merging is exact: the base bias becomes ``bias + delta``.
+Targets: every Linear and LayerNorm bias of the backbone, or the named subset (``("query", "mlp.up")``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from .base import (
+    DeltaConfig,
+    DeltaRouter,
+    DeltaWrapper,
+    Selection,
+    StackedDelta,
+    WrapperMethod,
+    check_shape,
+    match_targets,
+    per_sample,
+    register,
+)
+
+
+@dataclass
+class BitFitConfig(DeltaConfig):
+    """``targets``: None = every bias of the backbone (Linear and LayerNorm), else module names."""
+
+    method: ClassVar[str] = "bitfit"
+    targets: tuple[str, ...] | str | None = None
+    layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+
+class BitFitPart(StackedDelta):
+    method = "bitfit"
+    stacked = ("delta",)
+
+    def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
+        super().__init__(router)
+        self.dim = wrapper.out_features
+
+    def add_slot(self, name: str, config: BitFitConfig, wrapper: DeltaWrapper) -> None:
+        self.stack_add(name, {"delta": wrapper.bias.new_zeros(self.dim).detach()})
+
+    def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
+        return y + per_sample(self.delta, sel, y, 0.0)
+
+    def merge_slot(self, wrapper: DeltaWrapper, s: int, sign: float) -> None:
+        wrapper.bias.add_(self.delta[s].to(wrapper.bias.dtype), alpha=sign)
+
+    def slot_state(self, s: int) -> dict[str, Tensor]:
+        return {"bitfit.bias": self.delta[s].detach()}
+
+    def load_slot_state(self, s: int, tensors: dict[str, Tensor]) -> None:
+        check_shape("bitfit.bias", tensors["bitfit.bias"], (self.dim,))
+        self.delta.data[s].copy_(tensors["bitfit.bias"])
+
+
+class BitFit(WrapperMethod):
+    name = "bitfit"
+    config_class = BitFitConfig
+    peft_type = "DELTAFORMER_BITFIT"
+    mergeable = True
+    part_class = BitFitPart
+    part_keys = ("bitfit.bias",)
+
+    def targets(self, model: nn.Module, config: BitFitConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+        kinds = (nn.Linear, nn.LayerNorm)
+        paths = match_targets(model, config.targets if config.targets is not None else r".*", kinds, config.layers)
+        return {p: {} for p in paths if model.get_submodule(p).bias is not None}
+
+
+register(BitFit())

@@ -1,0 +1,91 @@
+"""Input-side deltas (prompt tuning, P-tuning, prefix positions) share the backbone's ``prompt`` hook.
+
+:class:`PromptChain` is installed as ``backbone.prompt`` and runs each method's store in a fixed order:
+P-tuning (may replace placeholder embeddings, so it needs the input ids), prompt tuning (prepends), then
+prefix tuning (only shifts position ids past its key/value slots, as HF does for a KV prefix).
+
+Per-sample prepending keeps every sample's own layout ``[its soft tokens, its input, padding]``: its real
+tokens sit at the positions they would have alone, so each sample's output (positions ``0 .. k_i + S``)
+equals running it alone; the extra padding at the end is masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import DeltaError, StackedDelta, backbone_of
+
+#: Order in which input-side stores run.
+CHAIN_ORDER = ("ptuning", "prompt", "prefix")
+
+
+class PromptChain(nn.Module):
+    """``prompt(input_ids, embeds, mask, token_types) -> (embeds, mask, token_types, position_ids | None)``."""
+
+    def forward(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor):
+        positions = None
+        length = embeds.shape[1]
+        for method in CHAIN_ORDER:
+            store = self._modules.get(method)
+            if store is None:
+                continue
+            ids = input_ids if embeds.shape[1] == length else None
+            embeds, mask, types, positions = store.apply(ids, embeds, mask, types, positions)  # type: ignore[operator]
+        return embeds, mask, types, positions
+
+
+def chain_store(model: nn.Module, method: str, make) -> StackedDelta:
+    """The input-side store of ``method`` on the model's backbone, created (with the chain) on first use."""
+    backbone = backbone_of(model)
+    chain = backbone.prompt
+    if chain is None:
+        chain = PromptChain()
+        backbone.prompt = chain
+    elif not isinstance(chain, PromptChain):
+        raise DeltaError(f"the backbone's prompt hook is already a {type(chain).__name__}: remove it before "
+                         "attaching prompt-based deltas")
+    store = chain._modules.get(method)
+    if store is None:
+        store = make()
+        chain.add_module(method, store)
+    return store  # type: ignore[return-value]
+
+
+def find_store(model: nn.Module, method: str) -> StackedDelta | None:
+    try:
+        chain = backbone_of(model).prompt
+    except DeltaError:
+        return None
+    return chain._modules.get(method) if isinstance(chain, PromptChain) else None  # type: ignore[return-value]
+
+
+def drop_store_if_empty(model: nn.Module, method: str) -> None:
+    backbone = backbone_of(model)
+    chain = backbone.prompt
+    if isinstance(chain, PromptChain) and method in chain._modules and not chain._modules[method].slots:
+        del chain._modules[method]
+        if not chain._modules:
+            backbone.prompt = None
+
+
+def prepend(embeds: Tensor, mask: Tensor, types: Tensor, tokens: Tensor, lengths: Tensor | None = None):
+    """Put soft ``tokens`` (B, K, H) before each sample's input; sample b uses its first ``lengths[b]``.
+
+    Without ``lengths`` every sample takes all K (plain concatenation). With them, sample b becomes
+    ``[tokens[b, :k_b], input_b, K - k_b padding]`` by one gather: no Python loop over samples.
+    """
+    batch, seq, hidden = embeds.shape
+    k = tokens.shape[1]
+    tokens = tokens.to(embeds.dtype)
+    ones, zeros = mask.new_ones(batch, k), types.new_zeros(batch, k)
+    if lengths is None:
+        return torch.cat([tokens, embeds], 1), torch.cat([ones, mask], 1), torch.cat([zeros, types], 1)
+    t = torch.arange(k + seq, device=embeds.device)[None, :]
+    own = lengths.to(embeds.device)[:, None]
+    src = torch.where(t < own, t, t + k - own)  # into [tokens (K), input (S), padding (K)]
+    pool = torch.cat([tokens, embeds, embeds.new_zeros(batch, k, hidden)], 1)
+    out = pool.gather(1, src[..., None].expand(batch, k + seq, hidden))
+    new_mask = torch.cat([ones, mask, mask.new_zeros(batch, k)], 1).gather(1, src)
+    new_types = torch.cat([zeros, types, zeros], 1).gather(1, src)
+    return out, new_mask, new_types

@@ -1,0 +1,180 @@
+"""Prompt tuning (Lester et al., 2021): k trainable soft tokens prepended to the input embeddings.
+
+Through the backbone's ``prompt`` hook: the attention mask is extended with ones and token types with
+zeros, positions run over prompt + input, as with peft. Stacked as ``tokens`` (n_deltas, k_max, hidden).
+Initialised from random vectors, random vocabulary embeddings, or the embeddings of a text (peft's TEXT
+init: tokenized with special tokens, repeated or truncated to k) or of label words.
+Files use peft's format (``prompt_embeddings``). Cannot merge: the soft tokens lengthen the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    DeltaConfig,
+    DeltaError,
+    DeltaRouter,
+    Method,
+    StackedDelta,
+    backbone_of,
+    check_keys,
+    check_shape,
+    register,
+)
+from .files import base_model_name, task_type
+from .hooks import chain_store, drop_store_if_empty, find_store, prepend
+
+INITS = ("random", "vocab", "text", "words")
+
+
+@dataclass
+class PromptConfig(DeltaConfig):
+    """``init``: "random" (normal, ``init_std``), "vocab" (embeddings of random vocabulary tokens), "text"
+    (``init_text`` tokenized as peft does) or "words" (``init_text``: label words, no special tokens).
+    ``tokenizer``: path or asset name of the tokenizer for the text inits."""
+
+    method: ClassVar[str] = "prompt"
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_text: str | tuple[str, ...] | None = None
+    tokenizer: str | None = None
+    init_std: float = 1.0
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise DeltaError(f"num_virtual_tokens={self.num_virtual_tokens} must be at least 1")
+        if self.init not in INITS:
+            raise DeltaError(f"prompt init {self.init!r} is unknown: use one of {', '.join(INITS)}")
+        if self.init in ("text", "words") and (not self.init_text or not self.tokenizer):
+            raise DeltaError(f"prompt init {self.init!r} needs init_text and tokenizer (a path or asset name)")
+
+
+class SoftTokens(StackedDelta):
+    """Soft tokens of every prompt-tuning delta: ``tokens`` (n, k_max, hidden), each delta its own k."""
+
+    method = "prompt"
+    stacked = ("tokens",)
+
+    def __init__(self, router: DeltaRouter) -> None:
+        super().__init__(router)
+        self.lengths: list[int] = []
+        self.register_buffer("length_vec", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def add(self, name: str, tokens: Tensor) -> None:
+        self.stack_add(name, {"tokens": tokens.detach()})
+        self.lengths.append(tokens.shape[0])
+        self.length_vec = torch.tensor(self.lengths, device=self.tokens.device)
+
+    def stack_remove(self, name: str) -> int:
+        index = super().stack_remove(name)
+        self.lengths.pop(index)
+        self.length_vec = torch.tensor(self.lengths, device=self.length_vec.device, dtype=torch.long)
+        return index
+
+    def apply(self, input_ids, embeds: Tensor, mask: Tensor, types: Tensor, positions):
+        sel = self.select(embeds.shape[0], embeds.device)
+        if sel is None:
+            return embeds, mask, types, positions
+        if sel.index is None:
+            tokens = torch.cat([self.tokens[s, : self.lengths[s]] for s in sel.each])
+            return (*prepend(embeds, mask, types, tokens[None].expand(embeds.shape[0], -1, -1)), positions)
+        k = max(self.lengths[s] for s in sel.used)
+        lengths = self.length_vec[sel.index]
+        if sel.keep is not None:
+            lengths = lengths * (sel.keep > 0)
+        return (*prepend(embeds, mask, types, self.tokens[sel.index, :k], lengths), positions)
+
+    def slot_numel(self, slot: int) -> int:
+        return self.lengths[slot] * self.tokens.shape[-1]
+
+
+def initial_tokens(model: nn.Module, config: PromptConfig, k: int) -> Tensor:
+    """(k, hidden) starting soft tokens for ``config.init``."""
+    table = backbone_of(model).embeddings.tokens.weight
+    if config.init == "random":
+        return torch.randn(k, table.shape[1], dtype=table.dtype, device=table.device) * config.init_std
+    if config.init == "vocab":
+        ids = torch.randint(0, table.shape[0], (k,), device=table.device)
+        return table[ids].detach().clone()
+    from ..tokenizer import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(config.tokenizer)
+    if config.init == "text":
+        text = config.init_text if isinstance(config.init_text, str) else " ".join(config.init_text)
+        ids = tok(text)["input_ids"]
+    else:
+        words = [config.init_text] if isinstance(config.init_text, str) else list(config.init_text)
+        ids = [i for w in words for i in tok.encode(w, add_special_tokens=False)]
+    if not ids:
+        raise DeltaError(f"init_text {config.init_text!r} gives no tokens: give some text")
+    ids = (ids * math.ceil(k / len(ids)))[:k]
+    if max(ids) >= table.shape[0]:
+        raise DeltaError("the tokenizer's ids exceed the model's vocabulary: use the model's own tokenizer")
+    return table[torch.tensor(ids, device=table.device)].detach().clone()
+
+
+class PromptTuning(Method):
+    name = "prompt"
+    config_class = PromptConfig
+    peft_type = "PROMPT_TUNING"
+    prompt_learning = True
+    merge_reason = "its soft tokens lengthen the input sequence; no weight equals them"
+
+    def attach(self, model: nn.Module, config: PromptConfig, name: str, router: DeltaRouter) -> None:  # type: ignore[override]
+        store = chain_store(model, "prompt", lambda: SoftTokens(router))
+        store.add(name, initial_tokens(model, config, config.num_virtual_tokens))  # type: ignore[attr-defined]
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        store = find_store(model, "prompt")
+        if store is not None and name in store.slots:
+            store.stack_remove(name)
+            drop_store_if_empty(model, "prompt")
+
+    def _store(self, model: nn.Module, name: str) -> SoftTokens:
+        store = find_store(model, "prompt")
+        assert store is not None and name in store.slots
+        return store  # type: ignore[return-value]
+
+    def export(self, model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
+        store = self._store(model, name)
+        s = store.slot(name)
+        bb_config = backbone_of(model).config
+        peft_init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}.get(config.init, "RANDOM")
+        data = {
+            "peft_type": self.peft_type, "task_type": task_type(model, prompt_learning=True),
+            "base_model_name_or_path": base_model_name(model), "inference_mode": True,
+            "num_virtual_tokens": store.lengths[s], "token_dim": store.tokens.shape[-1],
+            "num_transformer_submodules": 1, "num_attention_heads": bb_config.num_attention_heads,
+            "num_layers": bb_config.num_hidden_layers, "prompt_tuning_init": peft_init,
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "modules_to_save": None,
+        }
+        return data, {"prompt_embeddings": store.tokens[s, : store.lengths[s]].detach()}
+
+    def config_from_file(self, data: dict[str, Any], model: nn.Module) -> PromptConfig:
+        if data.get("num_transformer_submodules", 1) not in (1, None):
+            raise DeltaError("this prompt-tuning file is for an encoder-decoder (num_transformer_submodules=2): "
+                             "load it into an encoder-decoder model")
+        return PromptConfig(num_virtual_tokens=int(data["num_virtual_tokens"]), init="random",
+                            modules_to_save=tuple(data["modules_to_save"]) if data.get("modules_to_save") else None)
+
+    def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
+        check_keys({"prompt_embeddings": None}, tensors)
+        store = self._store(model, name)
+        s = store.slot(name)
+        check_shape("prompt_embeddings", tensors["prompt_embeddings"], (store.lengths[s], store.tokens.shape[-1]))
+        with torch.no_grad():
+            store.tokens[s, : store.lengths[s]].copy_(tensors["prompt_embeddings"])
+
+    def counts(self, model: nn.Module, name: str) -> dict[str, int]:
+        store = self._store(model, name)
+        return {"prompt": store.slot_numel(store.slot(name))}
+
+
+register(PromptTuning())
