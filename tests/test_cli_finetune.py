@@ -16,15 +16,6 @@ WORDS = ["good", "great", "fine", "superb", "bad", "awful", "dull", "poor", "the
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 
-def _delta_available() -> bool:
-    import deltaformer.delta as delta
-
-    return hasattr(delta, "attach")
-
-
-needs_delta = pytest.mark.skipif(not _delta_available(), reason="deltaformer.delta has no attach() yet")
-
-
 def make_base(directory):
     """A random 2-layer HF BERT with a WordPiece vocabulary of the words above (HF format, loads anywhere)."""
     import transformers
@@ -199,15 +190,13 @@ def test_usage_errors_are_one_line(workspace, capsys):
 @pytest.mark.slow
 def test_demo_smoke_on_real_data(tmp_path, capsys):
     """The demo's whole path on MiniLM + rt-polarity, cut to a few steps (the full demo takes minutes)."""
-    method = "lora" if _delta_available() else "probe"
-    assert main(["demo", "--method", method, "--max-steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--method", "lora", "--max-steps", "3", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and str(tmp_path / "demo" / "metrics.png") in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["split_sizes"] == {"train": 3200, "validation": 400, "test": 400} and results["steps"] == 3
 
 
-@needs_delta
 def test_lora_run_stores_only_the_delta_and_head_and_merges_exactly(workspace, capsys):
     root, base = workspace
     out = root / "lora"

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import delta
 from ..errors import ConfigError
 
 METHODS = ("full", "probe", "bitfit", "adapter", "lora", "prefix", "ptuning2", "prompt", "ptuning", "ia3")
@@ -68,7 +69,6 @@ def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(HEAD_PREFIXES))
         return model
-    delta = _delta_module(spec.name)
     config = delta_config(spec)
     delta.attach(model, config, DELTA_NAME)
     delta.freeze_base(model)
@@ -78,21 +78,9 @@ def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
     return model
 
 
-def _delta_module(method: str) -> Any:
-    try:
-        from .. import delta
-    except ImportError as exc:  # pragma: no cover - the package always ships it
-        raise ConfigError(f"method {method!r} needs deltaformer.delta, which failed to import ({exc})") from exc
-    if not hasattr(delta, "attach"):
-        raise ConfigError(f"method {method!r} is not available: this build of deltaformer.delta has no attach()")
-    return delta
-
-
 def delta_config(spec: MethodSpec) -> Any:
     """Build the :mod:`deltaformer.delta` config of ``spec``, mapping CLI option names onto its fields."""
-    delta = _delta_module(spec.name)
-
-    cls = delta.config_class(spec.name) if hasattr(delta, "config_class") else _config_class(delta, spec.name)
+    cls = delta.config_class(spec.name)
     names = {f.name for f in dataclasses.fields(cls)}
     aliases = {"rank": ("r", "rank"), "alpha": ("alpha", "lora_alpha"), "dropout": ("dropout", "lora_dropout"),
                "targets": ("targets", "target_modules"), "bottleneck": ("bottleneck", "reduction", "hidden"),
@@ -109,23 +97,9 @@ def delta_config(spec: MethodSpec) -> Any:
     return cls(**kwargs)
 
 
-def _config_class(delta_module: Any, method: str) -> type:
-    names = {"lora": "LoraConfig", "adapter": "AdapterConfig", "prefix": "PrefixConfig",
-             "ptuning2": "PTuningV2Config", "prompt": "PromptConfig", "ptuning": "PTuningConfig",
-             "ia3": "IA3Config", "bitfit": "BitFitConfig"}
-    cls = getattr(delta_module, names[method], None)
-    if cls is None:
-        raise ConfigError(f"method {method!r} is not available in this version of deltaformer.delta")
-    return cls
-
-
 def save_method_delta(model: nn.Module, spec: MethodSpec, directory: Path) -> Path | None:
     """Write the delta in the delta module's own (peft-style) format, when the method has one."""
     if not spec.is_delta:
-        return None
-    from .. import delta
-
-    if not hasattr(delta, "save_delta"):
         return None
     delta.save_delta(model, directory, DELTA_NAME)
     return directory
@@ -135,6 +109,4 @@ def merge_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
     """Fold the delta into the base weights, giving a plain model; errors for methods that cannot merge."""
     if not spec.is_delta:
         return model
-    from .. import delta
-
-    return delta.merge(model, DELTA_NAME) or model
+    return delta.merge_and_unload(model, DELTA_NAME)

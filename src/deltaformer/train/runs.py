@@ -99,10 +99,7 @@ def save_run_model(directory: Path, model: PreTrainedModel, spec: MethodSpec, to
     model.config.save(out)
     weights = out / "trainable.safetensors"
     save_state_dict(trainable_state(model), weights, metadata={"method": spec.name})
-    try:
-        save_method_delta(model, spec, directory / "delta")
-    except NotImplementedError:
-        pass
+    save_method_delta(model, spec, directory / "delta")
     return weights
 
 
