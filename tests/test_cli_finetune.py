@@ -223,3 +223,17 @@ def test_lora_run_stores_only_the_delta_and_head_and_merges_exactly(workspace, c
     batch = run.tokenizer(["the film was superb", "awful plot"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, run.model(**batch).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "adapter", "prefix", "ptuning2", "prompt", "ptuning", "ia3"])
+def test_every_delta_method_trains_saves_and_reloads_to_the_same_scores(workspace, method, capsys):
+    """Each method through the whole CLI path: train, keep the best checkpoint, reload, same test scores."""
+    root, base = workspace
+    out = root / method
+    assert finetune(root, base, out, method, "--epochs", "2") == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method and 0 < results["trainable_percent"] < 100
+    assert (out / "delta" / "adapter_config.json").is_file()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == results["test"]["accuracy"]

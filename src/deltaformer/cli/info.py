@@ -1,10 +1,17 @@
-"""``deltaformer info MODEL``: architecture, sizes, parameters per part, and bytes on disk."""
+"""``deltaformer info MODEL``: architecture, sizes, parameters per part, and bytes on disk.
+
+MODEL may also be a run directory of ``deltaformer finetune``; deltas saved with ``save_delta`` (or by peft)
+attach with ``--delta DIR``. Then the trainable-parameter summary per method and module type follows.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from pathlib import Path
+
+from .. import delta
 from ..models.auto import load_model
 from ..models.base import resolve_path
 from ..models.summary import analytic_count, bytes_on_disk, parameter_breakdown
@@ -13,12 +20,34 @@ from ..models.summary import analytic_count, bytes_on_disk, parameter_breakdown
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="show a model's architecture, sizes and parameter counts")
     p.add_argument("model", help="model directory or asset name (e.g. minilm)")
+    p.add_argument("--delta", type=Path, action="append", default=[], metavar="DIR",
+                   help="attach the delta saved in DIR (adapter_config.json + adapter_model.safetensors); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def _load(model_arg: str, delta_dirs: list[Path]):
+    """(path, model): a model directory or asset, or a finetune run directory, with ``delta_dirs`` attached."""
+    if (Path(model_arg) / "run.json").is_file():
+        from ..train.runs import load_run
+
+        path, model = Path(model_arg), load_run(model_arg).model
+    else:
+        path = resolve_path(model_arg)
+        model = load_model(path)
+    for directory in delta_dirs:
+        delta.load_delta(model, directory, name=_delta_name(directory))
+    if delta_dirs:
+        delta.freeze_base(model)  # count what training these deltas trains
+    return path, model
+
+
+def _delta_name(directory: Path) -> str:
+    """A valid delta name from a folder name (letters, digits, '_' and '-')."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in directory.resolve().name) or "default"
+
+
 def run(args: argparse.Namespace) -> int:
-    path = resolve_path(args.model)
-    model = load_model(path)
+    path, model = _load(args.model, args.delta)
     config = model.config
     parts = parameter_breakdown(model)
     total = sum(p["total"] for p in parts.values())
@@ -39,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         "analytic_VH_plus_12LH2": analytic_count(config),
         "bytes_on_disk": bytes_on_disk(path),
     }
+    if delta.deltas(model):
+        report["deltas"] = delta.trainable_summary(model)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -53,4 +84,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  analytic V*H + L*12*H^2 = {estimate:,} ({100 * estimate / total:.1f}% of exact): it leaves out "
           "position/segment embeddings, biases, LayerNorms, pooler and heads, and assumes intermediate = 4H")
     print(f"  bytes on disk: {report['bytes_on_disk']:,}")
+    if "deltas" in report:
+        print(delta.format_summary(report["deltas"]))
     return 0

@@ -44,7 +44,8 @@ def analytic_count(config: Any) -> int:
 
 
 def bytes_on_disk(path: Path) -> int:
-    """Total size of weight files in a model directory."""
+    """Total size of weight and config files in a model (or run) directory, subfolders included."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf", ".json"})
+    return sum(p.stat().st_size for p in path.rglob("*")
+               if p.is_file() and p.suffix in {".safetensors", ".bin", ".gguf", ".json"})
