@@ -8,7 +8,8 @@
     delta.save_delta(model, "out/sst", "sst")          # peft's files for LoRA, IA3, prompt and prefix tuning
 
 One module per method (``lora``, ``ia3``, ``bitfit``, ``adapter``, ``prefix``, ``prompt``, ``ptuning``); the
-shared mechanism is in ``base`` (stacked parts, routing), ``hooks`` (input-side deltas) and ``files``.
+shared mechanism is in ``base`` (stacked parts, routing), ``hooks`` (input-side deltas) and ``files``;
+``probe.layer_features`` pools every layer's hidden states for probing studies.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .files import load_delta, read_delta_files, save_delta
 from .ia3 import IA3Config
 from .lora import LoraConfig
 from .prefix import PrefixConfig, PTuningV2Config
+from .probe import layer_features
 from .prompt import PromptConfig
 from .ptuning import PTuningConfig
 
@@ -69,6 +71,7 @@ __all__ = [
     "format_summary",
     "freeze_base",
     "head_parameters",
+    "layer_features",
     "load_delta",
     "merge",
     "merge_and_unload",

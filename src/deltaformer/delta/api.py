@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .base import (
     BARE,
+    PART_ORDER,
     DeltaConfig,
     DeltaError,
     DeltaInfo,
@@ -165,23 +166,38 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold delta ``name`` (default: the active ones) into the base weights; the delta stays attached and
     stops applying on its own, so outputs do not change. LoRA, IA3 and BitFit can; others raise why not."""
     router = require_router(model)
-    for n in _names(router, name):
+    for n in _in_part_order(router, _names(router, name)):
         if n in _merged(router):
             continue
         method_for(router.deltas[n].method).merge(model, n, +1.0)
-        _merged(router).add(n)
+        _merged(router)[n] = None
     router.changed()
     return model
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Undo :func:`merge`: subtract (or divide out) the delta again, restoring the base weights."""
+    """Undo :func:`merge`: subtract (or divide out) the delta again, restoring the base weights. Without a
+    name, every merged delta, the latest first (IA3 merged after LoRA also scaled the merged LoRA update)."""
     router = require_router(model)
+    if name is not None:
+        _check_unmerge_order(router, name)
     for n in _names(router, name, merged_only=True):
         method_for(router.deltas[n].method).merge(model, n, -1.0)
-        _merged(router).discard(n)
+        _merged(router).pop(n)
     router.changed()
     return model
+
+
+def _check_unmerge_order(router: DeltaRouter, name: str) -> None:
+    """Refuse to unmerge ``name`` out of order when IA3 (which scales, not adds) makes the order matter."""
+    order = list(router.merged)
+    if name not in order:
+        return
+    later = order[order.index(name) + 1:]
+    methods = {router.deltas[n].method for n in [name, *later]}
+    if later and "ia3" in methods:
+        raise DeltaError(f"cannot unmerge {name!r} exactly while {', '.join(later)} (merged after it) stay merged: "
+                         f"IA3 scales weights, so unmerge {later[-1]!r} first, or call unmerge(model) for all")
 
 
 def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
@@ -200,7 +216,7 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None)
         if not method.mergeable:
             raise DeltaError(f"{method.name} delta {n!r} cannot merge ({method.merge_reason}): detach it before "
                              "merge_and_unload, or save it with save_delta")
-    for n in chosen:
+    for n in _in_part_order(router, chosen):
         merge(model, n)
     return unload(model)
 
@@ -222,7 +238,14 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merged(router: DeltaRouter) -> set[str]:
+def _in_part_order(router: DeltaRouter, names: list[str]) -> list[str]:
+    """Merge in the order parts apply inside a layer (IA3 scales what BitFit and LoRA then add), unmerge in
+    reverse (see :func:`_names`): another order would scale a merged LoRA update by IA3 and change the outputs."""
+    rank = {method: i for i, method in enumerate(PART_ORDER)}
+    return sorted(names, key=lambda n: rank.get(router.deltas[n].method, len(rank)))
+
+
+def _merged(router: DeltaRouter) -> dict[str, None]:
     return router.merged
 
 
@@ -231,7 +254,7 @@ def _names(router: DeltaRouter, name: str | None, merged_only: bool = False) -> 
         if name not in router.deltas:
             raise DeltaError(f"no delta named {name!r} is attached: attached are {', '.join(router.deltas)}")
         return [name] if not merged_only or name in _merged(router) else []
-    pool = sorted(_merged(router)) if merged_only else list(router.active)
+    pool = list(reversed(_merged(router))) if merged_only else list(router.active)  # undo the latest first
     if not pool and not merged_only:
         raise DeltaError("no delta is active to merge: name one, merge(model, 'name')")
     return pool

@@ -117,7 +117,7 @@ class DeltaRouter:
     def __init__(self) -> None:
         self.deltas: dict[str, DeltaInfo] = {}
         self.active: tuple[str, ...] = ()
-        self.merged: set[str] = set()
+        self.merged: dict[str, None] = {}  # in merge order: unmerge() undoes them in reverse
         self.route_names: tuple[str | None, ...] | None = None
         self.index: Tensor | None = None
         self.bare = 0
@@ -294,6 +294,7 @@ class DeltaWrapper(nn.Module):
         return self._modules.get(method)  # type: ignore[return-value]
 
     def add_part(self, part: StackedDelta) -> StackedDelta:
+        part.train(self.training)  # a new part starts in training mode; an eval model must not drop out
         self.add_module(part.method, part)
         self.part_names = [m for m in PART_ORDER if m in self._modules]
         return part
@@ -641,6 +642,8 @@ class WrapperMethod(Method):
                 unwrap_if_empty(model, path)
 
     def merge(self, model: nn.Module, name: str, sign: float) -> None:
+        if not self.mergeable:  # adapters: refuse with the reason, not an AttributeError on merge_slot
+            super().merge(model, name, sign)
         for _, wrapper, part in self.parts(model, name):
             with torch.no_grad():
                 part.merge_slot(wrapper, part.slot(name), sign)  # type: ignore[attr-defined]
