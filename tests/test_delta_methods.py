@@ -91,8 +91,8 @@ def test_merge_of_several_active_deltas_equals_their_composition():
     delta.unmerge(model)
     for name, value in base_state.items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
-    with delta.bare(model):
-        torch.testing.assert_close(logits(model, batch), base_out, atol=1e-6, rtol=0)
+    with delta.bare(model):  # weights agree to 1e-6 (above); logits of these large-init models to 1e-5
+        torch.testing.assert_close(logits(model, batch), base_out, atol=1e-5, rtol=0)
 
 
 def test_merges_at_different_times_keep_outputs_and_unmerge_in_reverse():

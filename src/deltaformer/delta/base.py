@@ -303,13 +303,32 @@ class DeltaWrapper(nn.Module):
         del self._modules[method]
         self.part_names = [m for m in PART_ORDER if m in self._modules]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def chosen(self, x: Tensor) -> list[tuple[StackedDelta, Selection]]:
+        """The parts that apply to this batch, with their selections, in :data:`PART_ORDER`."""
         chosen = []
         for method in self.part_names:
             part: StackedDelta = self._modules[method]  # type: ignore[assignment]
             sel = part.select(x.shape[0], x.device)
             if sel is not None:
                 chosen.append((part, sel))
+        return chosen
+
+    def output_side(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """For a caller that computes the base product itself (a fused QKV projection): the function turning
+        the base output for input ``x`` into this layer's output, or None when a part changes the input."""
+        chosen = self.chosen(x)
+        if any(type(part).on_input is not StackedDelta.on_input for part, _ in chosen):
+            return None
+
+        def finish(y: Tensor) -> Tensor:
+            for part, sel in chosen:
+                y = part.on_output(x, y, sel)
+            return y
+
+        return finish
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = self.chosen(x)
         if not chosen:
             return self.base_forward(x)
         h = x
@@ -520,6 +539,17 @@ def match_targets(
             f"{example!r} or its HF name {hf_name(model, example)!r} (or their last components)"
         )
     return found
+
+
+def without_excluded(model: nn.Module, targets: str | Sequence[str], exclude: str | Sequence[str] | None) -> str | tuple[str, ...]:
+    """peft's ``exclude_modules`` (a regex or names, matched as targets are): the targets left, as our paths."""
+    if not exclude:
+        return targets if isinstance(targets, str) else tuple(targets)
+    try:
+        excluded = set(match_targets(model, exclude))
+    except DeltaError:  # excluding modules this model lacks excludes nothing
+        excluded = set()
+    return tuple(p for p in match_targets(model, targets) if p not in excluded)
 
 
 def _base_type(module: nn.Module) -> type | None:

@@ -96,6 +96,9 @@ def read_delta_files(directory: str | Path) -> tuple[dict[str, Any], dict[str, T
     if not isinstance(data, dict):
         raise DeltaError(f"{config_path} holds a {type(data).__name__}, not a JSON object: re-save the delta")
     weights = directory / WEIGHTS_FILE
+    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
+        raise DeltaError(f"{directory} holds adapter_model.bin (a pickle), which deltaformer does not load: re-save "
+                         "it with peft's save_pretrained(dir, safe_serialization=True)")
     if not weights.is_file():
         raise DeltaError(f"{directory} has no {WEIGHTS_FILE}: the delta was not saved completely; re-save it")
     try:
@@ -119,12 +122,13 @@ def load_delta(model: nn.Module, directory: str | Path, name: str | None = None,
     The task head in the file (peft's modules_to_save) is loaded too unless ``head=False``. On any
     error the model is left as it was.
     """
-    from .api import attach, detach
+    from .api import active, attach, detach, set_active
 
     data, tensors, meta = read_delta_files(directory)
     method, config = _method_and_config(data, meta, model)
     name = name or (meta or {}).get("name") or "default"
     head_tensors, delta_tensors = _split_head(model, tensors, method)
+    was_active = active(model)
     attach(model, config, name)
     try:
         method.load_tensors(model, name, delta_tensors)
@@ -132,6 +136,8 @@ def load_delta(model: nn.Module, directory: str | Path, name: str | None = None,
             _load_head(model, head_tensors)
     except Exception:
         detach(model, name)
+        if was_active:  # attach made the new delta the only active one; give the old ones back
+            set_active(model, was_active)
         raise
     return model
 

@@ -26,6 +26,7 @@ from .base import (
     match_targets,
     per_sample,
     register,
+    without_excluded,
 )
 from .files import base_model_name, task_type
 
@@ -129,8 +130,12 @@ class IA3(WrapperMethod):
         if not targets:
             raise DeltaError("this IA3 adapter_config.json has no target_modules: the file is incomplete")
         ff = data.get("feedforward_modules") or ()
+        exclude = data.get("exclude_modules")
+        targets = without_excluded(model, targets, exclude)
+        if exclude and ff:  # feed-forward modules peft excluded are no targets, so no feed-forward ones either
+            ff = tuple(p for p in match_targets(model, ff) if p in set(targets))
         return IA3Config(
-            targets=targets if isinstance(targets, str) else tuple(targets),
+            targets=targets,
             feedforward=ff if isinstance(ff, str) else tuple(ff),
             modules_to_save=tuple(data["modules_to_save"]) if data.get("modules_to_save") else None,
         )

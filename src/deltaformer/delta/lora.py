@@ -32,6 +32,7 @@ from .base import (
     pattern_value,
     register,
     sample_dropout,
+    without_excluded,
 )
 from .files import base_model_name, task_type
 
@@ -103,11 +104,12 @@ class LoraPart(StackedDelta):
         self.dropout_vec = torch.tensor(self.dropouts, dtype=torch.float32, device=device)
 
     def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
+        """``y + scale * (x A^T) B^T``: the rank-r product first, then one fused addmm/baddbmm into ``y``."""
         if sel.index is None:
             for s in sel.each:
                 r = self.ranks[s]
                 h = F.linear(sample_dropout(x, self.dropouts[s], self.training), self.A[s, :r])
-                y = y + F.linear(h * self.scales[s], self.B[s, :, :r])
+                y = add_product(y, h, self.B[s, :, :r], self.scales[s])
             return y
         index, r = sel.index, max(self.ranks[s] for s in sel.used)
         rates = {self.dropouts[s] for s in sel.used}
@@ -118,7 +120,7 @@ class LoraPart(StackedDelta):
         if keep is not None:
             scale = scale * keep
         h = torch.bmm(xs, self.A[index, :r].transpose(1, 2)) * scale[:, None, None]
-        return y + torch.bmm(h, self.B[index, :, :r].transpose(1, 2)).view_as(y)
+        return add_product(y, h, self.B[index, :, :r], 1.0)
 
     def merge_slot(self, wrapper: DeltaWrapper, s: int, sign: float) -> None:
         r = self.ranks[s]
@@ -141,6 +143,21 @@ class LoraPart(StackedDelta):
 
     def slot_numel(self, slot: int) -> int:
         return self.ranks[slot] * (self.in_features + self.out_features)
+
+
+def add_product(y: Tensor, h: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``y + alpha * h @ b^T`` in one kernel: addmm for one ``b`` (out, r), baddbmm for per-sample ``b``
+    (B, out, r). Without autograd it accumulates into ``y`` in place (a fresh activation), which saves a
+    full-size allocation and a pass over memory; with autograd it stays out of place (nothing saved for
+    backward changes, and the base output is freed right after)."""
+    inplace = not torch.is_grad_enabled() and y.is_contiguous()
+    if b.dim() == 2:
+        y2, h2 = y.view(-1, y.shape[-1]) if inplace else y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+        out = y2.addmm_(h2, b.t(), alpha=alpha) if inplace else torch.addmm(y2, h2, b.t(), alpha=alpha)
+        return out.view_as(y)
+    y3, h3 = y.reshape(b.shape[0], -1, y.shape[-1]), h.reshape(b.shape[0], -1, h.shape[-1])
+    out = y3.baddbmm_(h3, b.transpose(1, 2), alpha=alpha) if inplace else torch.baddbmm(y3, h3, b.transpose(1, 2), alpha=alpha)
+    return out.view_as(y)
 
 
 class Lora(WrapperMethod):
@@ -184,7 +201,7 @@ class Lora(WrapperMethod):
 
     def config_from_file(self, data: dict[str, Any], model: nn.Module) -> LoraConfig:
         unsupported = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "layer_replication": None,
-                       "exclude_modules": None, "use_qalora": False}
+                       "use_qalora": False}
         for key, ok in unsupported.items():
             if data.get(key, ok) not in (ok, [], {}):
                 raise DeltaError(f"this LoRA file uses {key}={data[key]!r}, which deltaformer does not support: "
@@ -198,7 +215,7 @@ class Lora(WrapperMethod):
         layers = data.get("layers_to_transform")
         return LoraConfig(
             r=int(data.get("r", 8)), alpha=float(data.get("lora_alpha", 8)), dropout=float(data.get("lora_dropout", 0.0)),
-            targets=targets if isinstance(targets, str) else tuple(targets), rslora=bool(data.get("use_rslora", False)),
+            targets=without_excluded(model, targets, data.get("exclude_modules")), rslora=bool(data.get("use_rslora", False)),
             rank_pattern=dict(data.get("rank_pattern") or {}), alpha_pattern=dict(data.get("alpha_pattern") or {}),
             layers=(layers,) if isinstance(layers, int) else tuple(layers) if layers else None,
             modules_to_save=tuple(data["modules_to_save"]) if data.get("modules_to_save") else None,

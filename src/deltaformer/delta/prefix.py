@@ -288,6 +288,8 @@ class PrefixTuning(Method):
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (k, store.n_layers * 2 * store.heads * store.head_dim))
         if name in store.projections:  # a computed prefix replaces the reparameterisation
             del store.projections[name]
+            info = store.router.deltas[name]  # and the config says so, as after export_prefix
+            info.config = dataclasses.replace(info.config, projection=False)  # type: ignore[type-var]
         with torch.no_grad():
             store.kv[s, :k].copy_(tensors["prompt_embeddings"].view(k, store.n_layers, 2, -1))
 
