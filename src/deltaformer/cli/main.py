@@ -36,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
-        try:
-            module = importlib.import_module(f"deltaformer.cli.{verb}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"deltaformer.cli.{verb}":
-                continue  # verb not built yet
-            raise
+        module = importlib.import_module(f"deltaformer.cli.{verb}")
         before = set(subparsers.choices)
         module.add_parser(subparsers)
         for name in set(subparsers.choices) - before:

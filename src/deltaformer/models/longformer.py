@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
@@ -89,6 +90,7 @@ class LongformerModel(PreTrainedModel):
         self.embeddings = LongformerEmbeddings(config)
         self.layers = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = Pooler(config.hidden_size) if add_pooler else None
+        self.prompt: nn.Module | None = None  # input hook of prompt-based deltas, as on BertModel
         self.init_weights()
 
     @classmethod
@@ -117,16 +119,37 @@ class LongformerModel(PreTrainedModel):
             attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        real = input_ids.ne(self.config.pad_token_id or 0) if input_ids is not None else None
+        shift: Tensor | int = 0
+        if self.prompt is not None:
+            prompted = self.prompt(input_ids, inputs_embeds, attention_mask, token_type_ids)
+            inputs_embeds, attention_mask, token_type_ids = prompted[:3]
+            added = inputs_embeds.shape[1] - seq  # prompt tuning prepends virtual tokens: real, never global
+            if added:
+                real = None if real is None else F.pad(real, (added, 0), value=True)
+                if global_attention_mask is not None:
+                    global_attention_mask = F.pad(global_attention_mask, (added, 0))
+            if len(prompted) > 3 and prompted[3] is not None:  # prefix tuning: positions start after its slots
+                shift = prompted[3][:, :1]
+            seq = inputs_embeds.shape[1]
         if position_ids is None:
-            pad = self.config.pad_token_id or 0
-            check_length(seq, self.config.max_position_embeddings - pad - 1)
-            position_ids = (position_ids_from(input_ids, pad) if input_ids is not None
-                            else torch.arange(pad + 1, seq + pad + 1, device=device).expand(batch, seq))
+            position_ids = self._position_ids(real, batch, seq, shift, device)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         out = run_layers(self.layers, x, attention_mask, global_attention_mask, output_hidden_states,
                          output_attentions)
         out.pooler_output = self.pooler(out.last_hidden_state) if self.pooler is not None else None
         return out
+
+    def _position_ids(self, real: Tensor | None, batch: int, seq: int, shift: Tensor | int,
+                      device: torch.device) -> Tensor:
+        """RoBERTa's positions (real tokens from ``pad + 1``), moved ``shift`` on past prefix slots as
+        Hugging Face moves them past cached tokens; ``real`` None: every token is real (inputs_embeds)."""
+        pad = self.config.pad_token_id or 0
+        most = shift if isinstance(shift, int) else int(shift.max())
+        check_length(seq + most, self.config.max_position_embeddings - pad - 1)
+        if real is None:
+            return torch.arange(pad + 1, seq + pad + 1, device=device).expand(batch, seq) + shift
+        return (torch.cumsum(real, dim=1) + shift) * real + pad
 
 
 def run_layers(
