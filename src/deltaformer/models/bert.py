@@ -69,6 +69,17 @@ class BertLayer(nn.Module):
         x = self.attn_norm(residual_add(self.dropout(attended), x))
         return self.mlp_norm(residual_add(self.dropout(self.mlp(x)), x)), weights
 
+    def forward_first(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        """The output at position 0 alone, (B, 1, dim): all a pooler reads from the last layer.
+
+        Keys and values still see every position; the query, output projection and MLP run on one
+        position instead of S, about 5/6 of the layer's work saved (in backward too).
+        """
+        first = x[:, :1]
+        attended, _ = self.attn(x, key_mask, queries=first)
+        x = self.attn_norm(residual_add(self.dropout(attended), first))
+        return self.mlp_norm(residual_add(self.dropout(self.mlp(x)), x))
+
 
 def residual_add(branch: Tensor, x: Tensor) -> Tensor:
     """``branch + x``, in place into the fresh ``branch`` when no gradient is recorded (one allocation less)."""
@@ -118,7 +129,11 @@ class BertModel(PreTrainedModel):
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        first_token_only: bool = False,
     ) -> EncoderOutput:
+        """``first_token_only``: the caller reads only the pooler (position 0), so the last layer computes
+        that position alone and ``last_hidden_state`` is (B, 1, H); ignored when hidden states or
+        attentions are asked for. Exact: no other position of the last layer reaches the pooler."""
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -143,7 +158,11 @@ class BertModel(PreTrainedModel):
         key_mask = key_mask_from(attention_mask)
         hidden_states: list[Tensor] = [x] if output_hidden_states else []
         attentions: list[Tensor] = []
-        for layer in self.layers:
+        first_only = first_token_only and not (output_hidden_states or output_attentions)
+        for i, layer in enumerate(self.layers):
+            if first_only and i == len(self.layers) - 1:
+                x = layer.forward_first(x, key_mask)
+                continue
             x, weights = layer(x, key_mask, need_weights=output_attentions)
             if output_hidden_states:  # keeping them otherwise would pin memory the allocator could reuse
                 hidden_states.append(x)
@@ -207,10 +226,12 @@ class BertTaskModel(PreTrainedModel):
         return NameMap(cls.head_rules) + BERT_NAMES.prefixed("bert.", "backbone.")
 
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-               inputs_embeds=None, output_hidden_states=False, output_attentions=False) -> EncoderOutput:
+               inputs_embeds=None, output_hidden_states=False, output_attentions=False,
+               first_token_only=False) -> EncoderOutput:
         return self.backbone(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            first_token_only=first_token_only,
         )
 
 
@@ -308,7 +329,7 @@ class BertForSequenceClassification(BertTaskModel):
         _init_head(self, config, only=(self.classifier,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
-        out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
+        out = self.encode(input_ids, attention_mask, token_type_ids, first_token_only=True, **kwargs)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .patterns import ExtraKV, Full, Pattern
@@ -60,11 +61,20 @@ class SelfAttention(nn.Module):
         need_weights: bool = False,
         rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         cache: KVCache | None = None,
+        queries: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``x``: (B, S, dim); ``key_mask``: (B, S_total) bool, True = real token. Returns output and weights."""
-        q = self.split_heads(self.query(x), self.n_heads)
-        k = self.split_heads(self.key(x), self.n_kv_heads)
-        v = self.split_heads(self.value(x), self.n_kv_heads)
+        """``x``: (B, S, dim); ``key_mask``: (B, S_total) bool, True = real token. Returns output and weights.
+
+        ``queries``: (B, Sq, dim) inputs of the positions whose outputs are wanted (default ``x``); keys and
+        values still come from all of ``x``, so a caller needing a few positions projects only those.
+        """
+        if queries is None:
+            q, k, v = self.project_qkv(x)
+        else:
+            q, k, v = self.query(queries), self.key(x), self.value(x)
+        q = self.split_heads(q, self.n_heads)
+        k = self.split_heads(k, self.n_kv_heads)
+        v = self.split_heads(v, self.n_kv_heads)
         if rotary is not None:
             q, k = rotary(q, k)
         if cache is not None:
@@ -76,6 +86,37 @@ class SelfAttention(nn.Module):
         )
         batch, _, seq, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(batch, seq, -1)), weights
+
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value projections of ``x``, their base products as one GEMM when possible.
+
+        Plain projections, or wrapped ones whose deltas only act on outputs (LoRA, BitFit, output-side
+        IA3; they offer ``output_side``), run on concatenated weights: ``x`` is read once and backward
+        computes one input gradient instead of three that must then be summed. Anything else (an input-side
+        delta, a mix of biased and unbiased projections) runs the three layers one by one.
+        """
+        layers = (self.query, self.key, self.value)
+        finishes = [_output_side(layer, x) for layer in layers]
+        biases = [layer.bias for layer in layers]
+        if any(f is None for f in finishes) or len({b is None for b in biases}) > 1:
+            return self.query(x), self.key(x), self.value(x)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
+        fused = F.linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
+        return tuple(f(y) for f, y in zip(finishes, fused))  # type: ignore[misc, return-value]
+
+
+def _output_side(layer: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """Identity for a plain linear, the wrapper's output-side function for a wrapped one, else None."""
+    if type(layer) is nn.Linear:
+        return _identity
+    output_side = getattr(layer, "output_side", None)
+    return output_side(x) if callable(output_side) else None
+
+
+def _identity(y: Tensor) -> Tensor:
+    return y
 
 
 class KVCache:
