@@ -134,17 +134,10 @@ class BertModel(PreTrainedModel):
         """``first_token_only``: the caller reads only the pooler (position 0), so the last layer computes
         that position alone and ``last_hidden_state`` is (B, 1, H); ignored when hidden states or
         attentions are asked for. Exact: no other position of the last layer reaches the pooler."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embeddings.tokens(input_ids)
+        inputs_embeds, attention_mask, token_type_ids = embed_inputs(
+            self.embeddings.tokens, input_ids, inputs_embeds, attention_mask, token_type_ids)
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         if self.prompt is not None:
             prompted = self.prompt(input_ids, inputs_embeds, attention_mask, token_type_ids)
             inputs_embeds, attention_mask, token_type_ids = prompted[:3]
@@ -174,6 +167,26 @@ class BertModel(PreTrainedModel):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+
+def embed_inputs(
+    tokens: nn.Embedding, input_ids: Tensor | None, inputs_embeds: Tensor | None,
+    attention_mask: Tensor | None, token_type_ids: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first step of every encoder forward: checked token embeddings (or the caller's), and the default
+    all-ones attention mask and all-zeros segment ids where none are given."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        check_token_ids(input_ids, tokens.num_embeddings)
+        inputs_embeds = tokens(input_ids)
+    batch, seq = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    return inputs_embeds, attention_mask, token_type_ids
 
 
 def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
 from ..config import BertConfig, LongformerConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..nn.sliding import GlobalTokens, LongformerMask, LongformerSelfAttention
 from .base import EncoderOutput, HeadOutput, PreTrainedModel, resolve_path
 from .bert import (
@@ -32,8 +32,8 @@ from .bert import (
     Pooler,
     _init_head,
     check_length,
-    check_token_ids,
     classification_loss,
+    embed_inputs,
     key_mask_from,
 )
 
@@ -108,17 +108,10 @@ class LongformerModel(PreTrainedModel):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> LongformerOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embeddings.tokens(input_ids)
+        inputs_embeds, attention_mask, token_type_ids = embed_inputs(
+            self.embeddings.tokens, input_ids, inputs_embeds, attention_mask, token_type_ids)
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         real = input_ids.ne(self.config.pad_token_id or 0) if input_ids is not None else None
         shift: Tensor | int = 0
         if self.prompt is not None:
