@@ -12,6 +12,14 @@ rt-polarity     Pang & Lee sentence polarity (movie-review snippets)        2   
 rt-reviews      Pang & Lee polarity v2.0 (full movie reviews, ~750 words)   2       1500
 bbc-news        BBC News articles (headline + body), Greene & Cunningham    5       2225
 ==============  ==========================================================  ======  =========
+
+Sequence-to-sequence tasks (:func:`load_seq2seq_task`) split the same way, stratified by a group label:
+
+==============  ==========================================================  =========
+task            data                                                        size
+==============  ==========================================================  =========
+bbc-headlines   BBC News article body -> its headline (the file's 1st line)  2089
+==============  ==========================================================  =========
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ from __future__ import annotations
 import csv
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from .tabular import DataError, Example
 
@@ -61,15 +70,23 @@ class TaskSpec:
     label_order: tuple[str, ...] = field(default_factory=tuple)
 
 
+class Labelled(Protocol):
+    @property
+    def label(self) -> str | None: ...
+
+
+E = TypeVar("E", bound=Labelled)
+
+
 def stratified_split(
-    examples: list[Example], fractions: tuple[float, ...] = FRACTIONS, seed: int = SPLIT_SEED
-) -> list[list[Example]]:
+    examples: Sequence[E], fractions: tuple[float, ...] = FRACTIONS, seed: int = SPLIT_SEED
+) -> list[list[E]]:
     """Split per label in ``fractions`` (the last split takes the rounding remainder), then shuffle each."""
     rng = random.Random(seed)
-    by_label: dict[str | None, list[Example]] = {}
+    by_label: dict[str | None, list[E]] = {}
     for example in examples:
         by_label.setdefault(example.label, []).append(example)
-    parts: list[list[Example]] = [[] for _ in fractions]
+    parts: list[list[E]] = [[] for _ in fractions]
     for label in sorted(by_label, key=str):
         group = by_label[label][:]
         rng.shuffle(group)
@@ -97,9 +114,9 @@ def _read_polarity_csv(path: Path) -> list[Example]:
     return examples
 
 
-def _read_bbc(folder: Path) -> list[Example]:
-    """One folder per topic, one article per file (first line the headline). One file is cp1252, not UTF-8."""
-    examples = []
+def _bbc_articles(folder: Path) -> Iterator[tuple[str, str, str, str]]:
+    """(topic, file name, headline, body) of every article: one folder per topic, one article per file, its
+    first line the headline. One file is cp1252, not UTF-8."""
     for topic_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in sorted(topic_dir.glob("*.txt")):
             raw = path.read_bytes()
@@ -108,13 +125,14 @@ def _read_bbc(folder: Path) -> list[Example]:
             except UnicodeDecodeError:
                 text = raw.decode("cp1252", errors="replace")
             lines = [line.strip() for line in text.splitlines() if line.strip()]
-            if not lines:
-                continue
-            # "Headline. Body..." so a 64-token window sees the headline and the lead paragraph
-            headline, body = lines[0], " ".join(lines[1:])
-            examples.append(Example(text=f"{headline}. {body}", label=topic_dir.name,
-                                    source=f"{topic_dir.name}/{path.name}"))
-    return examples
+            if lines:
+                yield topic_dir.name, path.name, lines[0], " ".join(lines[1:])
+
+
+def _read_bbc(folder: Path) -> list[Example]:
+    # "Headline. Body..." so a 64-token window sees the headline and the lead paragraph
+    return [Example(text=f"{headline}. {body}", label=topic, source=f"{topic}/{name}")
+            for topic, name, headline, body in _bbc_articles(folder)]
 
 
 def _polarity_file(name: str) -> Callable[[Path], list[Example]]:
@@ -138,6 +156,8 @@ _CACHE: dict[str, Task] = {}
 
 def load_task(name: str) -> Task:
     """The task ``name`` with its fixed splits; fetches the asset on first use."""
+    if name in SEQ2SEQ_TASKS:
+        raise DataError(f"{name!r} is a sequence-to-sequence task, not a classification one: use load_seq2seq_task")
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}: built-in tasks are {', '.join(TASKS)} (or pass --train FILE)")
     if name in _CACHE:
@@ -154,4 +174,87 @@ def load_task(name: str) -> Task:
                          for i, e in enumerate(part)]
     task = Task(name=name, description=spec.description, labels=labels, splits=splits, max_length=spec.max_length)
     _CACHE[name] = task
+    return task
+
+
+# --- sequence-to-sequence tasks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """One sequence-to-sequence example: ``source`` -> ``target``; ``label`` is the group splits stratify by."""
+
+    source: str
+    target: str
+    label: str | None = None
+    origin: str = ""
+
+
+@dataclass
+class Seq2SeqTask:
+    """A named text-to-text task: its fixed splits and default source / target lengths in tokens."""
+
+    name: str
+    description: str
+    splits: dict[str, list[TextPair]]
+    max_source_length: int = 1024
+    max_target_length: int = 32
+
+    def split(self, name: str) -> list[TextPair]:
+        if name not in self.splits:
+            raise DataError(f"task {self.name!r} has no split {name!r}: use one of {', '.join(SPLITS)}")
+        return self.splits[name]
+
+
+@dataclass(frozen=True)
+class Seq2SeqTaskSpec:
+    name: str
+    asset: str
+    description: str
+    reader: Callable[[Path], list[TextPair]]
+    max_source_length: int = 1024
+    max_target_length: int = 32
+
+
+def _read_bbc_headlines(folder: Path) -> list[TextPair]:
+    """Body -> headline, grouped by topic. The corpus repeats some bodies verbatim (some under another
+    headline): each body is kept once, with its first headline in file order, so no test article is also a
+    training one."""
+    seen: set[str] = set()
+    pairs = []
+    for topic, name, headline, body in _bbc_articles(folder):
+        if not body or body in seen:
+            continue
+        seen.add(body)
+        pairs.append(TextPair(source=body, target=headline, label=topic, origin=f"{topic}/{name}"))
+    return pairs
+
+
+SEQ2SEQ_TASKS: dict[str, Seq2SeqTaskSpec] = {
+    spec.name: spec
+    for spec in (
+        Seq2SeqTaskSpec("bbc-headlines", "bbc-news", "BBC News headline generation: article body -> headline",
+                        _read_bbc_headlines, 1024, 32),
+    )
+}
+
+_SEQ2SEQ_CACHE: dict[str, Seq2SeqTask] = {}
+
+
+def load_seq2seq_task(name: str) -> Seq2SeqTask:
+    """The sequence-to-sequence task ``name`` with its fixed splits (80 / 10 / 10, stratified by group, seed
+    0, as the classification tasks); fetches the asset on first use."""
+    if name not in SEQ2SEQ_TASKS:
+        raise DataError(f"unknown sequence-to-sequence task {name!r}: built-in ones are {', '.join(SEQ2SEQ_TASKS)}")
+    if name in _SEQ2SEQ_CACHE:
+        return _SEQ2SEQ_CACHE[name]
+    from .assets import fetch
+
+    spec = SEQ2SEQ_TASKS[name]
+    parts = stratified_split(spec.reader(fetch(spec.asset)))
+    splits = {split: [TextPair(p.source, p.target, p.label, f"{name}/{split}#{i} ({p.origin})")
+                      for i, p in enumerate(part)]
+              for split, part in zip(SPLITS, parts)}
+    task = Seq2SeqTask(name, spec.description, splits, spec.max_source_length, spec.max_target_length)
+    _SEQ2SEQ_CACHE[name] = task
     return task

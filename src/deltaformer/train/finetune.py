@@ -46,6 +46,7 @@ class FinetuneSpec:
     max_length: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = False
+    limit: int | None = None  # keep only the first N examples of each split: quick smoke runs on CPU
 
 
 @dataclass
@@ -90,6 +91,18 @@ def load_splits(spec: FinetuneSpec) -> Splits:
     return Splits(labels, train_examples, val_examples, test_examples, spec.max_length or 128, skipped, source)
 
 
+def limit_splits(splits: Splits, limit: int | None) -> Splits:
+    """The first ``limit`` examples of every split (splits are shuffled, so a random sample of each)."""
+    if limit is None:
+        return splits
+    if limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {limit}: drop it to use every example")
+    splits.train, splits.validation, splits.test = (x[:limit] for x in (splits.train, splits.validation,
+                                                                      splits.test))
+    splits.source = {**splits.source, "limit": limit}
+    return splits
+
+
 def model_reference(name_or_path: str) -> str:
     """Keep asset names as names; make paths absolute so the run loads from any working directory."""
     path = Path(name_or_path).expanduser()
@@ -103,7 +116,7 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     start = time.perf_counter()
     env = init_distributed(spec.train.device)
     out = Path(spec.out)
-    splits = load_splits(spec)
+    splits = limit_splits(load_splits(spec), spec.limit)
     info = {
         "base_model": model_reference(spec.model),
         "method": spec.method.name,

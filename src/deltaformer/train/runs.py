@@ -52,8 +52,9 @@ class LoadedRun:
 
 
 def classifier_class(base: str | Path) -> type[PreTrainedModel]:
-    """The sequence-classification class for the base checkpoint's model type (BERT today)."""
+    """The sequence-classification class for the base checkpoint's model type (BERT, Longformer)."""
     from ..config import load_config
+    from ..models import auto  # noqa: F401  (fills the registry: a converted Longformer finds its class)
 
     config = load_config(resolve_path(base))
     for cls in PreTrainedModel.registry.values():
