@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each callable, timed in alternation so a busy neighbour hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from timing import interleaved_medians
 
 
 def measure(ours, hf, compiled, batch: int, seq: int, repeats: int) -> dict:
@@ -40,7 +25,7 @@ def measure(ours, hf, compiled, batch: int, seq: int, repeats: int) -> dict:
     with torch.inference_mode():
         diff = ours(ids, mask).last_hidden_state - hf(input_ids=ids, attention_mask=mask).last_hidden_state
         row = {"benchmark": "bert_forward", "batch": batch, "seq": seq, "max_abs_diff": float(diff.abs().max())}
-        row.update(interleaved_medians(fns, repeats))
+        row.update(interleaved_medians(fns, repeats, warmup=2))
     row["ratio_hf_over_ours"] = row["hf_sdpa_ms"] / row["ours_ms"]
     if compiled is not None:
         row["ratio_hf_over_ours_compiled"] = row["hf_sdpa_ms"] / row["ours_compiled_ms"]

@@ -24,31 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved_medians
 from torch import Tensor, nn
 
 from deltaformer import delta
 from deltaformer.models import BertForSequenceClassification
 
 N_DELTAS, BATCH, SEQ, LABELS = 8, 64, 128, 2
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median milliseconds of each callable, timed in alternation so a busy neighbour hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def build(model_name: str) -> nn.Module:
