@@ -63,6 +63,7 @@ class AdapterConfig(DeltaConfig):
 class AdapterPart(StackedDelta):
     method = "adapter"
     stacked = ("down", "down_bias", "up", "up_bias")
+    slot_lists = ("sizes", "acts", "residuals")
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
         super().__init__(router)
@@ -83,16 +84,9 @@ class AdapterPart(StackedDelta):
         self.sizes.append(r)
         self.acts.append(config.non_linearity)
         self.residuals.append(config.residual)
-        self._vectors()
+        self.refresh()
 
-    def stack_remove(self, name: str) -> int:
-        index = super().stack_remove(name)
-        for values in (self.sizes, self.acts, self.residuals):
-            values.pop(index)
-        self._vectors()
-        return index
-
-    def _vectors(self) -> None:
+    def refresh(self) -> None:
         self.residual_vec = torch.tensor([float(r) for r in self.residuals], dtype=self.up.dtype, device=self.up.device)
 
     def _one(self, h: Tensor, s: int) -> Tensor:

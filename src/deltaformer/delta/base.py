@@ -182,12 +182,15 @@ def pad_to(t: Tensor, shape: Sequence[int]) -> Tensor:
 class StackedDelta(nn.Module):
     """Base of every method's per-layer store: parameters stacked on a leading delta axis, one slot per name.
 
-    Subclasses list their stacked parameters in ``stacked`` and implement the hooks they need:
-    ``on_input``/``on_output`` (wrapped layers), ``merge_slot``, ``slot_state``/``load_slot_state`` (files).
+    Subclasses list their stacked parameters in ``stacked``, the plain per-slot lists they keep beside them
+    (ranks, scales, lengths, ...) in ``slot_lists``, rebuild tensors derived from those lists in
+    :meth:`refresh`, and implement the hooks they need: ``on_input``/``on_output`` (wrapped layers),
+    ``merge_slot``, ``slot_state``/``load_slot_state`` (files).
     """
 
     method: ClassVar[str] = ""
     stacked: ClassVar[tuple[str, ...]] = ()
+    slot_lists: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, router: DeltaRouter) -> None:
         super().__init__()
@@ -224,10 +227,16 @@ class StackedDelta(nn.Module):
                 keep = [i for i in range(old.shape[0]) if i != index]
                 new = old.detach()[keep].clone()
                 self.register_parameter(pname, nn.Parameter(new, requires_grad=old.requires_grad))
+        for attr in self.slot_lists:
+            getattr(self, attr).pop(index)
         self.slots.pop(index)
         self.merged.discard(name)
+        self.refresh()
         self.router.changed()
         return index
+
+    def refresh(self) -> None:
+        """Rebuild tensors derived from the per-slot lists, after a slot was added or removed."""
 
     def on_input(self, x: Tensor, sel: Selection) -> Tensor:
         return x

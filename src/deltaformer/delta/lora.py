@@ -70,6 +70,7 @@ class LoraPart(StackedDelta):
 
     method = "lora"
     stacked = ("A", "B")
+    slot_lists = ("ranks", "scales", "dropouts")
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
         super().__init__(router)
@@ -89,16 +90,9 @@ class LoraPart(StackedDelta):
         self.ranks.append(rank)
         self.scales.append(alpha / math.sqrt(rank) if config.rslora else alpha / rank)
         self.dropouts.append(config.dropout)
-        self._vectors()
+        self.refresh()
 
-    def stack_remove(self, name: str) -> int:
-        index = super().stack_remove(name)
-        for values in (self.ranks, self.scales, self.dropouts):
-            values.pop(index)
-        self._vectors()
-        return index
-
-    def _vectors(self) -> None:
+    def refresh(self) -> None:
         device = self.A.device
         self.scale_vec = torch.tensor(self.scales, dtype=self.A.dtype, device=device)
         self.dropout_vec = torch.tensor(self.dropouts, dtype=torch.float32, device=device)

@@ -96,6 +96,7 @@ class PrefixSlots(StackedDelta):
 
     method = "prefix"
     stacked = ("kv",)
+    slot_lists = ("lengths", "offsets")
 
     def __init__(self, router: DeltaRouter, layers: int, heads: int, head_dim: int, max_positions: int | None) -> None:
         super().__init__(router)
@@ -119,18 +120,14 @@ class PrefixSlots(StackedDelta):
         self.stack_add(name, {"kv": kv.detach()})
         self.lengths.append(k)
         self.offsets.append(k if config.position_offset else 0)
-        self._vectors()
+        self.refresh()
 
     def stack_remove(self, name: str) -> int:
-        index = super().stack_remove(name)
-        self.lengths.pop(index)
-        self.offsets.pop(index)
         if name in self.projections:
             del self.projections[name]
-        self._vectors()
-        return index
+        return super().stack_remove(name)
 
-    def _vectors(self) -> None:
+    def refresh(self) -> None:
         device = self.kv.device
         self.length_vec = torch.tensor(self.lengths, dtype=torch.long, device=device)
         self.offset_vec = torch.tensor(self.offsets, dtype=torch.long, device=device)

@@ -61,6 +61,7 @@ class SoftTokens(StackedDelta):
 
     method = "prompt"
     stacked = ("tokens",)
+    slot_lists = ("lengths",)
 
     def __init__(self, router: DeltaRouter) -> None:
         super().__init__(router)
@@ -70,13 +71,10 @@ class SoftTokens(StackedDelta):
     def add(self, name: str, tokens: Tensor) -> None:
         self.stack_add(name, {"tokens": tokens.detach()})
         self.lengths.append(tokens.shape[0])
-        self.length_vec = torch.tensor(self.lengths, device=self.tokens.device)
+        self.refresh()
 
-    def stack_remove(self, name: str) -> int:
-        index = super().stack_remove(name)
-        self.lengths.pop(index)
-        self.length_vec = torch.tensor(self.lengths, device=self.length_vec.device, dtype=torch.long)
-        return index
+    def refresh(self) -> None:
+        self.length_vec = torch.tensor(self.lengths, device=self.tokens.device, dtype=torch.long)
 
     def apply(self, input_ids, embeds: Tensor, mask: Tensor, types: Tensor, positions):
         sel = self.select(embeds.shape[0], embeds.device)

@@ -79,6 +79,7 @@ class PromptEncoders(StackedDelta):
     """The prompt encoders of every P-tuning delta; soft tokens are stacked per forward, then gathered."""
 
     method = "ptuning"
+    slot_lists = ("lengths", "placeholders")
 
     def __init__(self, router: DeltaRouter) -> None:
         super().__init__(router)
@@ -93,11 +94,8 @@ class PromptEncoders(StackedDelta):
         self.placeholders.append(config.placeholder_id)
 
     def stack_remove(self, name: str) -> int:
-        index = super().stack_remove(name)
         del self.encoders[name]
-        self.lengths.pop(index)
-        self.placeholders.pop(index)
-        return index
+        return super().stack_remove(name)
 
     def tokens(self, s: int) -> Tensor:
         return self.encoders[self.slots[s]]()
