@@ -130,10 +130,6 @@ def route(model: nn.Module, names: Sequence[str | None] | Tensor) -> Iterator[Te
     names = tuple(names)
     router.check_names(names)
     _refuse_merged(router, "route samples to deltas")
-    for n in set(names) - {None}:
-        if method_for(router.deltas[n].method).name in ("full", "probe") and len(set(names)) > 1:
-            raise DeltaError(f"delta {n!r} ({router.deltas[n].method}) has no per-sample parameters: it cannot "
-                             "share a routed batch with other deltas")
     saved = (router.route_names, router.index)
     router.route_names = names
     router.index = torch.tensor([order.index(n) if n is not None else BARE for n in names], dtype=torch.long)
@@ -278,14 +274,8 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
-    """Only delta parameters and the task head train (``requires_grad``); everything with a ``full``
-    delta. Frozen base weights then get no gradient, so backward computes no weight gradients for them."""
-    router = find_router(model)
-    methods = {i.method for i in router.deltas.values()} if router is not None else set()
-    if "full" in methods:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+    """Only delta parameters and the task head train (``requires_grad``). Frozen base weights then get no
+    gradient, so backward computes no weight gradients for them."""
     train = {id(p) for p in delta_parameters(model)} | {id(p) for p in head_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in train)
@@ -312,7 +302,7 @@ def trainable_summary(model: nn.Module) -> dict[str, Any]:
         for kind, n in counts.items():
             modules[kind] = modules.get(kind, 0) + n
     if any(p.requires_grad for p in delta_parameters(model)):
-        trainable += sum(e["params"] for m, e in methods.items() if m not in ("full", "probe"))
+        trainable += sum(e["params"] for e in methods.values())
     head_ids = {id(p) for p in head_parameters(model)}
     head = sum(p.numel() for p in head_parameters(model) if p.requires_grad)
     if head:
