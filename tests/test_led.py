@@ -8,6 +8,8 @@ import torch
 from deltaformer.errors import ConfigError
 from deltaformer.models.led import LEDForConditionalGeneration, LEDModel
 
+from .test_longformer import _inputs as longformer_inputs
+
 ATOL = 1e-5
 VOCAB = 24
 
@@ -33,16 +35,9 @@ def make_hf_led(tmp_path, cls_name: str = "LEDForConditionalGeneration", **overr
 
 
 def _inputs(batch=3, seq=21, pad=1):
-    """Right-padded encoder inputs, global masks, and right-padded decoder inputs starting with </s>."""
-    ids = torch.randint(3, VOCAB, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, seq - 6:] = 0
-    mask[2, 9:] = 0
-    ids[mask == 0] = pad
-    glob = torch.zeros(batch, seq, dtype=torch.long)
-    glob[:, 0] = 1
-    glob[0, 5] = 1
-    glob[2, 3] = 1
+    """The Longformer tests' padded encoder inputs and global masks, and right-padded decoder inputs
+    starting with </s>."""
+    ids, mask, glob = longformer_inputs(batch, seq, VOCAB, pad)
     dec = torch.randint(3, VOCAB, (batch, 7))
     dec[:, 0] = 2
     dec_mask = torch.ones_like(dec)

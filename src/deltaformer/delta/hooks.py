@@ -60,6 +60,14 @@ def find_store(model: nn.Module, method: str) -> StackedDelta | None:
     return chain._modules.get(method) if isinstance(chain, PromptChain) else None  # type: ignore[return-value]
 
 
+def store_holding(model: nn.Module, method: str, name: str) -> StackedDelta:
+    """The input-side store of ``method`` that holds delta ``name`` (an attached delta always has one)."""
+    store = find_store(model, method)
+    if store is None or name not in store.slots:
+        raise DeltaError(f"no {method} delta named {name!r} is attached to this model")
+    return store
+
+
 def drop_store_if_empty(model: nn.Module, method: str) -> None:
     backbone = backbone_of(model)
     chain = backbone.prompt

@@ -37,7 +37,7 @@ from .base import (
     register,
 )
 from .files import base_model_name, task_type
-from .hooks import chain_store, drop_store_if_empty, find_store
+from .hooks import chain_store, drop_store_if_empty, find_store, store_holding
 
 
 @dataclass
@@ -248,13 +248,8 @@ class PrefixTuning(Method):
                     attn.prefix = None
             drop_store_if_empty(model, "prefix")
 
-    def _store(self, model: nn.Module, name: str) -> PrefixSlots:
-        store = find_store(model, "prefix")
-        assert store is not None and name in store.slots
-        return store  # type: ignore[return-value]
-
     def export(self, model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
-        store = self._store(model, name)
+        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
         s = store.slot(name)
         k = store.lengths[s]
         with torch.no_grad():
@@ -279,7 +274,7 @@ class PrefixTuning(Method):
 
     def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         check_keys({"prompt_embeddings": None}, tensors)
-        store = self._store(model, name)
+        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
         s = store.slot(name)
         k = store.lengths[s]
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (k, store.n_layers * 2 * store.heads * store.head_dim))
@@ -291,7 +286,7 @@ class PrefixTuning(Method):
             store.kv[s, :k].copy_(tensors["prompt_embeddings"].view(k, store.n_layers, 2, -1))
 
     def counts(self, model: nn.Module, name: str) -> dict[str, int]:
-        store = self._store(model, name)
+        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
         return {"prefix": store.slot_numel(store.slot(name))}
 
 

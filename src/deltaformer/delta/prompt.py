@@ -28,7 +28,7 @@ from .base import (
     register,
 )
 from .files import base_model_name, task_type
-from .hooks import chain_store, drop_store_if_empty, find_store, prepend
+from .hooks import chain_store, drop_store_if_empty, find_store, prepend, store_holding
 
 INITS = ("random", "vocab", "text", "words")
 
@@ -135,13 +135,8 @@ class PromptTuning(Method):
             store.stack_remove(name)
             drop_store_if_empty(model, "prompt")
 
-    def _store(self, model: nn.Module, name: str) -> SoftTokens:
-        store = find_store(model, "prompt")
-        assert store is not None and name in store.slots
-        return store  # type: ignore[return-value]
-
     def export(self, model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
-        store = self._store(model, name)
+        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
         s = store.slot(name)
         bb_config = backbone_of(model).config
         peft_init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}.get(config.init, "RANDOM")
@@ -164,14 +159,14 @@ class PromptTuning(Method):
 
     def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         check_keys({"prompt_embeddings": None}, tensors)
-        store = self._store(model, name)
+        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
         s = store.slot(name)
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (store.lengths[s], store.tokens.shape[-1]))
         with torch.no_grad():
             store.tokens[s, : store.lengths[s]].copy_(tensors["prompt_embeddings"])
 
     def counts(self, model: nn.Module, name: str) -> dict[str, int]:
-        store = self._store(model, name)
+        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
         return {"prompt": store.slot_numel(store.slot(name))}
 
 

@@ -27,7 +27,7 @@ from .base import (
     check_shape,
     register,
 )
-from .hooks import chain_store, drop_store_if_empty, find_store, prepend
+from .hooks import chain_store, drop_store_if_empty, find_store, prepend, store_holding
 
 
 @dataclass
@@ -171,9 +171,7 @@ class PTuning(Method):
             drop_store_if_empty(model, "ptuning")
 
     def _encoder(self, model: nn.Module, name: str) -> PromptEncoder:
-        store = find_store(model, "ptuning")
-        assert store is not None and name in store.slots
-        return store.encoders[name]  # type: ignore[index,return-value]
+        return store_holding(model, "ptuning", name).encoders[name]  # type: ignore[index,return-value]
 
     def export(self, model: nn.Module, name: str, config: PTuningConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
         state = self._encoder(model, name).state_dict()
