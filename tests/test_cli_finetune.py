@@ -184,6 +184,24 @@ def test_usage_errors_are_one_line(workspace, capsys):
     assert main(["finetune", str(base), "--train", str(root / "train.csv"), "--method", "full", "--rank", "4",
                  "--out", str(root / "x")]) == 2
     assert "--rank do(es) not apply to --method full" in capsys.readouterr().err
+    assert main(["finetune", str(base), "--train", str(root / "train.csv"), "--method", "ptuning2",
+                 "--no-projection", "--out", str(root / "x")]) == 2
+    assert "--no-projection do(es) not apply to --method ptuning2" in capsys.readouterr().err
+
+
+def test_prefix_trains_through_its_projection_unless_told_not_to():
+    """The prefix default is peft's reparameterised prefix (else it would equal P-tuning v2); the flag
+    turns it off."""
+    import argparse
+
+    from deltaformer.cli.finetune import add_method_args, method_from_args
+    from deltaformer.train.methods import delta_config
+
+    parser = argparse.ArgumentParser()
+    add_method_args(parser)
+    with_mlp = delta_config(method_from_args(parser.parse_args(["--method", "prefix"])))
+    without = delta_config(method_from_args(parser.parse_args(["--method", "prefix", "--no-projection"])))
+    assert with_mlp.projection and not without.projection
 
 
 @pytest.mark.assets

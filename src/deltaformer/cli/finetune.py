@@ -67,6 +67,9 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
     g.add_argument("--bottleneck", type=int, help="adapter bottleneck size (default 64)")
     g.add_argument("--prefix-length", type=int, help="prefix / P-tuning v2 key-value slots (default 16)")
     g.add_argument("--num-virtual-tokens", type=int, help="prompt / P-tuning soft tokens (default 16)")
+    g.add_argument("--no-projection", dest="projection", action="store_false", default=None,
+                   help="prefix tuning: train the key/value slots directly, without the MLP reparameterisation "
+                   "(default: with it; it is folded into plain slots when the delta is saved)")
 
 
 def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
@@ -99,10 +102,10 @@ def method_from_args(args: argparse.Namespace) -> MethodSpec:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     options = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "targets": targets,
                "bottleneck": args.bottleneck, "prefix_length": args.prefix_length,
-               "num_virtual_tokens": args.num_virtual_tokens}
+               "num_virtual_tokens": args.num_virtual_tokens, "projection": args.projection}
     relevant = {
         "lora": ("rank", "alpha", "dropout", "targets"), "adapter": ("bottleneck", "dropout", "targets"),
-        "prefix": ("prefix_length",), "ptuning2": ("prefix_length",), "prompt": ("num_virtual_tokens",),
+        "prefix": ("prefix_length", "projection"), "ptuning2": ("prefix_length",), "prompt": ("num_virtual_tokens",),
         "ptuning": ("num_virtual_tokens",), "ia3": ("targets",), "bitfit": (), "full": (), "probe": (),
     }[args.method]
     given = {k: v for k, v in options.items() if v is not None}
@@ -110,7 +113,7 @@ def method_from_args(args: argparse.Namespace) -> MethodSpec:
     if unused:
         from ..errors import ConfigError
 
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        flags = ", ".join("--" + ("no-projection" if k == "projection" else k.replace("_", "-")) for k in unused)
         raise ConfigError(f"{flags} do(es) not apply to --method {args.method}")
     return MethodSpec(args.method, given)
 

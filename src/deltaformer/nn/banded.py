@@ -162,8 +162,13 @@ def banded_attention(
             outs.append(out.transpose(1, 2))  # (n, c, H, D)
 
     def unblock(parts: list[Tensor]) -> Tensor:  # B * d pieces of (n, c, H, X) -> (B, H, S, X)
-        x = parts[0][None] if len(parts) == 1 else torch.stack(parts)
-        x = x.reshape(batch, d, n, c, heads, -1).permute(0, 2, 3, 1, 4, 5).reshape(batch, total, heads, -1)[:, :seq]
+        if d == 1:
+            x = parts[0][None] if len(parts) == 1 else torch.stack(parts)  # (B, n, c, H, X)
+        else:  # interleave the d subsequences back, each written into place: one copy, not stack + permute
+            x = parts[0].new_empty(batch, n, c, d, heads, parts[0].shape[-1])
+            for i, part in enumerate(parts):
+                x[i // d, :, :, i % d] = part
+        x = x.reshape(batch, total, heads, -1)[:, :seq]
         if key_mask is not None:
             hidden = ~valid[:, :seq, None, None]
             x = torch.where(hidden, 0, x) if torch.is_grad_enabled() else x.masked_fill_(hidden, 0)
