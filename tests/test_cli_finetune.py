@@ -185,13 +185,12 @@ def test_usage_errors_are_one_line(workspace, capsys):
                  "--out", str(root / "x")]) == 2
     assert "--rank do(es) not apply to --method full" in capsys.readouterr().err
     assert main(["finetune", str(base), "--train", str(root / "train.csv"), "--method", "ptuning2",
-                 "--no-projection", "--out", str(root / "x")]) == 2
-    assert "--no-projection do(es) not apply to --method ptuning2" in capsys.readouterr().err
+                 "--projection", "--out", str(root / "x")]) == 2
+    assert "--projection do(es) not apply to --method ptuning2" in capsys.readouterr().err
 
 
-def test_prefix_trains_through_its_projection_unless_told_not_to():
-    """The prefix default is peft's reparameterised prefix (else it would equal P-tuning v2); the flag
-    turns it off."""
+def test_prefix_projection_is_opt_in():
+    """Prefix tuning trains its slots directly by default, as peft does; --projection adds the MLP."""
     import argparse
 
     from deltaformer.cli.finetune import add_method_args, method_from_args
@@ -199,8 +198,8 @@ def test_prefix_trains_through_its_projection_unless_told_not_to():
 
     parser = argparse.ArgumentParser()
     add_method_args(parser)
-    with_mlp = delta_config(method_from_args(parser.parse_args(["--method", "prefix"])))
-    without = delta_config(method_from_args(parser.parse_args(["--method", "prefix", "--no-projection"])))
+    without = delta_config(method_from_args(parser.parse_args(["--method", "prefix"])))
+    with_mlp = delta_config(method_from_args(parser.parse_args(["--method", "prefix", "--projection"])))
     assert with_mlp.projection and not without.projection
 
 

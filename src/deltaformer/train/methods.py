@@ -29,7 +29,7 @@ HEAD_PREFIXES = ("classifier.",)
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": ["query", "value"]},
     "adapter": {"bottleneck": 64},
-    "prefix": {"prefix_length": 16, "projection": True},
+    "prefix": {"prefix_length": 16},  # no MLP reparameterisation: peft's default (see --projection)
     "ptuning2": {"prefix_length": 16},
     "prompt": {"num_virtual_tokens": 16},
     "ptuning": {"num_virtual_tokens": 16},
