@@ -13,7 +13,9 @@ after it). Hidden 768, 12 heads, batch 1, fp32, 2 threads.
   (only at 4096 tokens: at 16384 the mask and scores do not fit a laptop-sized budget).
 
 Each configuration runs in a fresh subprocess. Time: median of ``--repeats`` runs after a warm-up.
-Peak memory: the resident-set high-water mark (``VmHWM``) of that subprocess during the first run, minus its
+Faults: ``faulted_mib_per_call`` is the memory the kernel had to map in (minor page faults) per timed run:
+fresh pages are costly on some machines, and allocations over glibc's 32 MB mmap threshold get fresh pages
+every call. Peak memory: the resident-set high-water mark (``VmHWM``) of that subprocess during the first run, minus its
 resident set just before (reset through ``/proc/self/clear_refs``), so it counts what torch's CPU allocator
 really touched, which ``tracemalloc`` cannot see. Prints one JSON line per configuration, then one line of
 ratios (hf / ours: above 1 means ours is faster or smaller).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -116,13 +119,16 @@ def child(spec: dict) -> dict:
     first = time.perf_counter() - start
     peak_mib = (_status_kib("VmHWM") - before) / 1024
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {**spec, "median_ms": round(statistics.median(times) * 1000, 1),
             "min_ms": round(min(times) * 1000, 1), "first_ms": round(first * 1000, 1),
-            "peak_mib": round(peak_mib, 1), "memory": "VmHWM above VmRSS before the first run"}
+            "peak_mib": round(peak_mib, 1), "memory": "VmHWM above VmRSS before the first run",
+            "faulted_mib_per_call": round(faults / max(spec["repeats"], 1) * resource.getpagesize() / 2**20, 1)}
 
 
 def main() -> None:
