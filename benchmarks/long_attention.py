@@ -13,7 +13,8 @@ after it). Hidden 768, 12 heads, batch 1, fp32, 2 threads.
   (only at 4096 tokens: at 16384 the mask and scores do not fit a laptop-sized budget).
 
 Each configuration runs in a fresh subprocess. Time: median of ``--repeats`` runs after a warm-up.
-Faults: ``faulted_mib_per_call`` is the memory the kernel had to map in (minor page faults) per timed run:
+``projections_ms`` (ours, forward): the query/key/value/output projections alone, the part of the layer
+no attention kernel can save. Faults: ``faulted_mib_per_call`` is the memory the kernel had to map in (minor page faults) per timed run:
 fresh pages are costly on some machines, and allocations over glibc's 32 MB mmap threshold get fresh pages
 every call. Peak memory: the resident-set high-water mark (``VmHWM``) of that subprocess during the first run, minus its
 resident set just before (reset through ``/proc/self/clear_refs``), so it counts what torch's CPU allocator
@@ -125,7 +126,18 @@ def child(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - start)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {**spec, "median_ms": round(statistics.median(times) * 1000, 1),
+    extra = {}
+    if spec["impl"] == "ours" and not backward:  # the floor every implementation shares: four projections
+        projections = [getattr(modules[0], name) for name in ("query", "key", "value", "out")]
+        spans = []
+        with torch.no_grad():
+            for _ in range(spec["repeats"]):
+                start = time.perf_counter()
+                for proj in projections:
+                    proj(x)
+                spans.append(time.perf_counter() - start)
+        extra["projections_ms"] = round(statistics.median(spans) * 1000, 1)
+    return {**spec, **extra, "median_ms": round(statistics.median(times) * 1000, 1),
             "min_ms": round(min(times) * 1000, 1), "first_ms": round(first * 1000, 1),
             "peak_mib": round(peak_mib, 1), "memory": "VmHWM above VmRSS before the first run",
             "faulted_mib_per_call": round(faults / max(spec["repeats"], 1) * resource.getpagesize() / 2**20, 1)}

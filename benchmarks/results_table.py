@@ -7,6 +7,7 @@ default learning rate), so a row is what ``deltaformer finetune minilm --task T 
 
     python benchmarks/results_table.py --method lora --task rt-polarity --seeds 0 1 2
     python benchmarks/results_table.py --method full --task bbc-news --seeds 0
+    python benchmarks/results_table.py --method prefix --option projection=true --seeds 0 1   # a row of its own
     python benchmarks/results_table.py            # print the table only
 
 Wall time and memory depend on the machine and on whatever else runs on it: compare rows from one device.
@@ -36,13 +37,14 @@ def device_name(device: str | None) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
-def run_one(method: str, task: str, seed: int, epochs: int, lr: float | None, out: Path, device: str | None) -> dict:
+def run_one(method: str, options: dict, task: str, seed: int, epochs: int, lr: float | None, out: Path,
+            device: str | None) -> dict:
     """Train and score one (method, task, seed) in this process; returns the row's numbers."""
     from deltaformer.train.finetune import FinetuneSpec, finetune
     from deltaformer.train.methods import DEFAULT_LR, MethodSpec
     from deltaformer.train.trainer import TrainConfig
 
-    spec = FinetuneSpec(model="minilm", out=out, task=task, method=MethodSpec(method),
+    spec = FinetuneSpec(model="minilm", out=out, task=task, method=MethodSpec(method, dict(options)),
                         train=TrainConfig(epochs=epochs, batch_size=32, lr=lr or DEFAULT_LR[method], seed=seed,
                                           progress=False, device=device))
     results = finetune(spec)
@@ -63,6 +65,26 @@ def run_one(method: str, task: str, seed: int, epochs: int, lr: float | None, ou
     }
 
 
+def parse_options(given: list[str]) -> dict:
+    """``NAME=VALUE`` pairs; values are read as JSON (``true``, ``8``, ``["query"]``), else kept as text."""
+    options = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: write it as NAME=VALUE, e.g. projection=true")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def row_name(method: str, options: dict) -> str:
+    """The table's method column: the method, plus any option given away from its default."""
+    extra = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+    return f"{method} ({extra})" if extra else method
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -80,7 +102,8 @@ def table(data: dict) -> str:
     order = ["full", "probe", "bitfit", "lora", "adapter", "ia3", "prefix", "ptuning2", "prompt", "ptuning"]
     for task in sorted({k.split("/")[0] for k in data}):
         rows = {k.split("/")[1]: v for k, v in data.items() if k.startswith(task + "/")}
-        for method in sorted(rows, key=lambda m: order.index(m) if m in order else 99):
+        base = lambda m: m.split(" ")[0]  # noqa: E731  ("prefix (projection=true)" sorts after "prefix")
+        for method in sorted(rows, key=lambda m: (order.index(base(m)) if base(m) in order else 99, m)):
             seeds = list(rows[method]["seeds"].values())
             acc = [s["test_accuracy"] for s in seeds]
             spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
@@ -112,12 +135,16 @@ def main() -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/bench"), help="where runs are written (then removed)")
     p.add_argument("--keep-runs", action="store_true")
     p.add_argument("--note", default=None, help="remark stored with the rows (e.g. how the weights were copied)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option away from its default (JSON value), e.g. projection=true; "
+                   "the row is named after it")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one seed, JSON to stdout
     args = p.parse_args()
+    options = parse_options(args.option)
 
     if args.worker is not None:
         out = args.runs / f"{args.task}-{args.method}-seed{args.worker}"
-        row = run_one(args.method, args.task, args.worker, args.epochs, args.lr, out, args.device)
+        row = run_one(args.method, options, args.task, args.worker, args.epochs, args.lr, out, args.device)
         if not args.keep_runs:
             shutil.rmtree(out, ignore_errors=True)
         print("RESULT " + json.dumps(row))
@@ -131,6 +158,7 @@ def main() -> int:
             cmd += ["--lr", str(args.lr)] if args.lr else []
             cmd += ["--device", args.device] if args.device else []
             cmd += ["--keep-runs"] if args.keep_runs else []
+            cmd += [x for option in args.option for x in ("--option", option)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not result:
@@ -140,10 +168,10 @@ def main() -> int:
             if args.note:
                 row["note"] = args.note
             data = load(args.results)
-            entry = data.setdefault(f"{args.task}/{args.method}", {"seeds": {}})
+            entry = data.setdefault(f"{args.task}/{row_name(args.method, options)}", {"seeds": {}})
             entry["seeds"][str(seed)] = row
             save(args.results, data)
-            print(f"{args.task} {args.method} seed {seed}: test accuracy {row['test_accuracy']:.4f} "
+            print(f"{args.task} {row_name(args.method, options)} seed {seed}: test accuracy {row['test_accuracy']:.4f} "
                   f"in {row['wall_seconds']:.0f} s", flush=True)
     print(table(load(args.results)))
     return 0

@@ -69,7 +69,7 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
     g.add_argument("--num-virtual-tokens", type=int, help="prompt / P-tuning soft tokens (default 16)")
     g.add_argument("--projection", action="store_true", default=None,
                    help="prefix tuning through peft's MLP reparameterisation (folded into plain slots when saved); "
-                   "it wants a far lower learning rate than the slots alone (at 3e-3 it collapsed to chance)")
+                   "it wants a far lower learning rate than the slots alone")
 
 
 def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
