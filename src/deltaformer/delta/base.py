@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DeltaformerError
+from ..nn.dropout import dropout
+from ..nn.linear import PLAIN_LINEARS, Linear, linear
 
 #: Index a routed sample uses for "no delta" (the bare model).
 BARE = -1
@@ -268,7 +270,7 @@ def sample_dropout(x: Tensor, p: Tensor | float, training: bool) -> Tensor:
     if not training:
         return x
     if isinstance(p, float):
-        return F.dropout(x, p, True) if p > 0 else x
+        return dropout(x, p) if p > 0 else x
     keep = (1.0 - p).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return x * torch.bernoulli(keep.expand_as(x)) / keep.clamp_min(1e-12)
 
@@ -358,10 +360,10 @@ class DeltaLinear(DeltaWrapper):
         self.out_features = base.out_features
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def unwrap(self) -> nn.Linear:
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
@@ -386,7 +388,8 @@ class DeltaLayerNorm(DeltaWrapper):
         return plain
 
 
-WRAPPERS: dict[type, type[DeltaWrapper]] = {nn.Linear: DeltaLinear, nn.LayerNorm: DeltaLayerNorm}
+WRAPPERS: dict[type, type[DeltaWrapper]] = {
+    **{kind: DeltaLinear for kind in PLAIN_LINEARS}, nn.LayerNorm: DeltaLayerNorm}
 
 
 # --- model plumbing ---------------------------------------------------------------------------------
@@ -562,7 +565,7 @@ def without_excluded(model: nn.Module, targets: str | Sequence[str], exclude: st
 
 
 def _base_type(module: nn.Module) -> type | None:
-    if isinstance(module, DeltaLinear):
+    if isinstance(module, DeltaLinear) or type(module) in PLAIN_LINEARS:
         return nn.Linear
     if isinstance(module, DeltaLayerNorm):
         return nn.LayerNorm

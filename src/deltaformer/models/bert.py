@@ -17,6 +17,8 @@ from ..checkpoints.names import NameMap
 from ..config import BertConfig
 from ..errors import InputError
 from ..nn.attention import SelfAttention
+from ..nn.dropout import Dropout
+from ..nn.linear import Linear, linear
 from ..nn.mlp import FeedForward, activation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
 
@@ -44,7 +46,7 @@ class BertEmbeddings(nn.Module):
         self.positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.segments = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, inputs_embeds: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
         x = inputs_embeds + self.segments(token_type_ids) + self.positions(position_ids)
@@ -62,7 +64,7 @@ class BertLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool = False):
         attended, weights = self.attn(x, key_mask, need_weights=need_weights)
@@ -91,7 +93,7 @@ class Pooler(nn.Module):
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
+        self.dense = Linear(hidden, hidden)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return torch.tanh(self.dense(hidden_states[:, 0]))
@@ -253,14 +255,14 @@ class MLMHead(nn.Module):
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered copy
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(self.norm(self.act(self.dense(hidden))), self.word_embeddings[0].weight, self.bias)
+        return linear(self.norm(self.act(self.dense(hidden))), self.word_embeddings[0].weight, self.bias)
 
 
 _MLM_RULES = [
@@ -337,7 +339,7 @@ class BertForSequenceClassification(BertTaskModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         dropout = config.extra.get("classifier_dropout")
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         _init_head(self, config, only=(self.classifier,))
 
@@ -359,7 +361,7 @@ class BertForTokenClassification(BertTaskModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         dropout = config.extra.get("classifier_dropout")
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         _init_head(self, config, only=(self.classifier,))
 

@@ -20,6 +20,8 @@ from ..checkpoints.names import NameMap
 from ..config import LEDConfig
 from ..errors import ConfigError, InputError
 from ..nn.attention import KVCache, SelfAttention
+from ..nn.dropout import Dropout
+from ..nn.linear import linear
 from ..nn.mlp import FeedForward
 from ..nn.patterns import Causal
 from .base import Output, PreTrainedModel
@@ -94,7 +96,7 @@ class LEDDecoderLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, config.decoder_ffn_dim, config.activation_function)
         self.mlp_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, key_mask: Tensor | None, memory: tuple[Tensor, Tensor], memory_mask: Tensor | None,
                 cache: KVCache | None = None, need_weights: bool = False):
@@ -113,7 +115,7 @@ class LEDEncoder(nn.Module):
         layer_config = config.encoder_config()
         self.positions = nn.Embedding(config.max_encoder_position_embeddings, config.d_model)
         self.norm = nn.LayerNorm(config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(LongformerLayer(layer_config, i) for i in range(config.encoder_layers))
 
     def forward(self, embeds: Tensor, attention_mask: Tensor | None, global_attention_mask: Tensor | None,
@@ -134,7 +136,7 @@ class LEDDecoder(nn.Module):
         super().__init__()
         self.positions = nn.Embedding(config.max_decoder_position_embeddings, config.d_model)
         self.norm = nn.LayerNorm(config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(LEDDecoderLayer(config) for _ in range(config.decoder_layers))
 
     def forward(self, embeds: Tensor, key_mask: Tensor | None, memories: list[tuple[Tensor, Tensor]],
@@ -252,7 +254,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
         return NameMap([("final_logits_bias", "final_logits_bias")]) + LED_NAMES.prefixed("led.", "backbone.")
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.backbone.shared.weight) + self.final_logits_bias
+        return linear(hidden, self.backbone.shared.weight) + self.final_logits_bias
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs) -> Seq2SeqOutput:

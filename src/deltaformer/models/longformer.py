@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ..checkpoints.names import NameMap
 from ..config import BertConfig, LongformerConfig
 from ..errors import ConfigError
+from ..nn.dropout import Dropout
+from ..nn.linear import Linear
 from ..nn.sliding import GlobalTokens, LongformerMask, LongformerSelfAttention
 from .base import EncoderOutput, HeadOutput, PreTrainedModel, resolve_path
 from .bert import (
@@ -182,8 +184,8 @@ class LongformerClassificationHead(nn.Module):
     def __init__(self, config: LongformerConfig) -> None:
         super().__init__()
         dropout = config.extra.get("classifier_dropout")
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden_states: Tensor) -> Tensor:

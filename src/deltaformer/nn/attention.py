@@ -1,6 +1,6 @@
 """Multi-head attention = projections + a pattern.
 
-The module owns the query/key/value/output projections (plain ``nn.Linear`` so delta methods can wrap
+The module owns the query/key/value/output projections (plain linears, :class:`~deltaformer.nn.linear.Linear`, so delta methods can wrap
 them by name) and delegates *how* queries meet keys to a :class:`~deltaformer.nn.patterns.Pattern`.
 Extra key/value slots come from an optional ``prefix`` provider (prefix tuning, P-tuning v2), so every
 pattern sees them without knowing where they come from.
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import PLAIN_LINEARS, Linear, linear
 from .patterns import ExtraKV, Full, Pattern
 
 
@@ -40,10 +40,10 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = head_dim or dim // n_heads
-        self.query = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
-        self.key = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.value = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.query = Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.key = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.value = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.out = Linear(n_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
         self.pattern = pattern or Full()
         self.prefix: nn.Module | None = None
@@ -103,13 +103,13 @@ class SelfAttention(nn.Module):
             return self.query(x), self.key(x), self.value(x)
         weight = torch.cat([layer.weight for layer in layers])
         bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
-        fused = F.linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
+        fused = linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
         return tuple(f(y) for f, y in zip(finishes, fused))  # type: ignore[misc, return-value]
 
 
 def _output_side(layer: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor] | None:
     """Identity for a plain linear, the wrapper's output-side function for a wrapped one, else None."""
-    if type(layer) is nn.Linear:
+    if type(layer) in PLAIN_LINEARS:
         return _identity
     output_side = getattr(layer, "output_side", None)
     return output_side(x) if callable(output_side) else None

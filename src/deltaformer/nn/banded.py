@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .patterns import dense_attention
+from .patterns import dense_attention, explicit_dropout
 
 #: Fewest queries per block by default: smaller blocks waste fewer keys but cost more per-block overhead.
 MIN_BLOCK = 32
-#: Queries per block without gradients: a block computes ``c + 2w`` keys for ``2w + 1`` used, so small blocks
-#: waste less; with gradients the CPU flash backward runs faster on long blocks, so blocks match the window.
-INFERENCE_BLOCK = 64
+#: Queries per block without gradients, or with explicit scores (weights asked for, dropout on CPU): a block
+#: computes ``c + 2w`` keys for ``2w + 1`` used, so small blocks waste less; with gradients the CPU flash
+#: backward runs faster on long blocks, so its blocks match the window.
+SMALL_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,12 @@ class BlockLayout:
     reach: int  # the window, clipped to the (sub)sequence: farther offsets hold no key
 
     @classmethod
-    def choose(cls, window: int, causal: bool, length: int, slots: int, block: int | None) -> BlockLayout:
+    def choose(
+        cls, window: int, causal: bool, length: int, slots: int, block: int | None, explicit: bool = False
+    ) -> BlockLayout:
         reach = min(window, length - 1)
         smallest = min(block or MIN_BLOCK, length)
-        default = INFERENCE_BLOCK if not torch.is_grad_enabled() else reach
+        default = SMALL_BLOCK if explicit or not torch.is_grad_enabled() else reach
         target = min(block or max(default, MIN_BLOCK), length)
         before = -(-reach // target) if reach else 0
         size = max(-(-reach // before) if before else target, smallest)
@@ -121,7 +124,8 @@ def banded_attention(
     batch, heads, seq, dim = q.shape
     d = dilation
     slots = 0 if extra_key is None else extra_key.shape[2]
-    lay = BlockLayout.choose(window, causal, -(-seq // d), slots, block)
+    explicit = need_weights or explicit_dropout(q, dropout_p)
+    lay = BlockLayout.choose(window, causal, -(-seq // d), slots, block, explicit)
     c, n = lay.size, lay.blocks
     total = n * c * d
     valid = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.to(torch.bool)
@@ -154,9 +158,10 @@ def banded_attention(
     for b in range(batch):
         for r in range(d):
             args = (queries[b, :, :, r].transpose(1, 2), windows(keys[b, r]), windows(values[b, r]), mask[b, r, :, None])
-            if need_weights:
+            if explicit:
                 out, w = dense_attention(*args, dropout_p, scale)
-                weights.append(w.gather(-1, columns.expand(n, heads, *columns.shape)).transpose(1, 2))
+                if need_weights:
+                    weights.append(w.gather(-1, columns.expand(n, heads, *columns.shape)).transpose(1, 2))
             else:
                 out = F.scaled_dot_product_attention(*args, dropout_p=dropout_p, scale=scale)
             outs.append(out.transpose(1, 2))  # (n, c, H, D)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .linear import Linear
 
 #: In-place variants, used when no gradient is recorded: saves one large allocation per layer.
 INPLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -42,8 +43,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", bias: bool = True) -> None:
         super().__init__()
-        self.up = nn.Linear(dim, hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.up = Linear(dim, hidden, bias=bias)
+        self.down = Linear(hidden, dim, bias=bias)
         self.act_name = act
         self.act = activation(act)
         self.act_inplace = INPLACE_ACTIVATIONS.get(act)

@@ -4,7 +4,8 @@ An attention module projects hidden states to queries, keys and values and hands
 Each pattern has two paths that tests hold equal:
 
 * a dense reference path (``need_weights=True``): explicit scores, returns the attention weights;
-* a fast path: ``scaled_dot_product_attention`` here, banded linear-memory kernels for sliding patterns.
+* a fast path: ``scaled_dot_product_attention`` here, banded linear-memory kernels for sliding patterns
+  (with attention dropout on CPU, explicit scores again: SDPA's CPU dropout mask costs more than the rest).
 
 Extra key/value slots (prefix tuning, P-tuning v2) arrive as :class:`ExtraKV`; every query may see them,
 whatever the pattern, which is what makes prefix tuning work on any architecture for free.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .dropout import drop_mask, packable
 
 
 @dataclass
@@ -84,8 +87,10 @@ class Pattern(nn.Module):
         slots = extra.key.shape[2] if extra is not None else 0
         k, v, key_mask = join_extra(k, v, key_mask, extra)
         mask = self._mask(q.shape[2], k.shape[2], slots, key_mask, q.device)
-        if need_weights:
-            return dense_attention(q, expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads), mask, dropout_p, scale)
+        if need_weights or explicit_dropout(q, dropout_p):
+            out, weights = dense_attention(q, expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads), mask,
+                                           dropout_p, scale)
+            return out, weights if need_weights else None
         causal_fast = self.causal and mask is None and slots == 0 and q.shape[2] == k.shape[2]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal_fast else mask, dropout_p=dropout_p, is_causal=causal_fast,
@@ -121,11 +126,25 @@ class Causal(Pattern):
 def dense_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Reference attention with explicit weights; the oracle every fast path is tested against."""
+    """Attention with explicit weights: the oracle every fast path is tested against, and the CPU path for
+    attention dropout (SDPA's CPU kernels draw their dropout mask slowly; see :mod:`deltaformer.nn.dropout`).
+
+    ``mask``: bool (True = visible) or additive, broadcastable to the scores. Returns the output and the
+    weights before dropout.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores.add_(mask)
     weights = scores.softmax(dim=-1)
+    if dropout_p > 0 and packable(weights, dropout_p):  # the mask alone; its scale goes on the smaller output
+        drop, keep_scale = drop_mask(weights.shape, dropout_p)
+        return torch.matmul(weights.masked_fill(drop, 0), v).mul_(keep_scale), weights
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return torch.matmul(dropped, v), weights
+
+
+def explicit_dropout(q: Tensor, dropout_p: float) -> bool:
+    """Whether attention with dropout should take :func:`dense_attention` rather than SDPA: on CPU."""
+    return dropout_p > 0 and q.device.type == "cpu"

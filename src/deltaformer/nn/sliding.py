@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .attention import SelfAttention
 from .banded import banded_attention
+from .linear import PLAIN_LINEARS, Linear
 from .patterns import ExtraKV, Pattern, dense_attention, expand_kv_heads, join_extra
 
 
@@ -180,9 +181,9 @@ class LongformerSelfAttention(SelfAttention):
     ) -> None:
         super().__init__(dim, n_heads, bias=bias, dropout=dropout,
                          pattern=SlidingWindow(window, dilation, causal, block))
-        self.query_global = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
-        self.key_global = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
-        self.value_global = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.query_global = Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.key_global = Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.value_global = Linear(dim, n_heads * self.head_dim, bias=bias)
 
     def forward(  # type: ignore[override]
         self, x: Tensor, key_mask: Tensor | LongformerMask | None = None, *, need_weights: bool = False
@@ -230,7 +231,7 @@ class LongformerSelfAttention(SelfAttention):
         """Fold the global key/value projections into the queries when that is cheaper (see folded_attention);
         only for plain linears, so a delta wrapping them (LoRA) is never bypassed. (Callers also need no
         extra slots and no dropout, which folding cannot express.)"""
-        plain = all(type(p) is nn.Linear and p.bias is not None for p in (self.key_global, self.value_global))
+        plain = all(type(p) in PLAIN_LINEARS and p.bias is not None for p in (self.key_global, self.value_global))
         return plain and count * self.n_heads < self.key_global.in_features
 
 
