@@ -143,14 +143,17 @@ def add_product(y: Tensor, h: Tensor, b: Tensor, alpha: float) -> Tensor:
     """``y + alpha * h @ b^T`` in one kernel: addmm for one ``b`` (out, r), baddbmm for per-sample ``b``
     (B, out, r). Without autograd it accumulates into ``y`` in place (a fresh activation), which saves a
     full-size allocation and a pass over memory; with autograd it stays out of place (nothing saved for
-    backward changes, and the base output is freed right after)."""
+    backward changes, and the base output is freed right after), and ``b^T`` is made contiguous: its
+    gradient is then computed as ``h^T @ grad`` (r x tokens x out), which ran 2.5x faster on CPU than the
+    ``grad^T @ h`` that autograd picks for a transposed view (the copy is out x r, nothing)."""
     inplace = not torch.is_grad_enabled() and y.is_contiguous()
+    bt = b.transpose(-1, -2) if inplace else b.transpose(-1, -2).contiguous()
     if b.dim() == 2:
         y2, h2 = y.view(-1, y.shape[-1]) if inplace else y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-        out = y2.addmm_(h2, b.t(), alpha=alpha) if inplace else torch.addmm(y2, h2, b.t(), alpha=alpha)
+        out = y2.addmm_(h2, bt, alpha=alpha) if inplace else torch.addmm(y2, h2, bt, alpha=alpha)
         return out.view_as(y)
     y3, h3 = y.reshape(b.shape[0], -1, y.shape[-1]), h.reshape(b.shape[0], -1, h.shape[-1])
-    out = y3.baddbmm_(h3, b.transpose(1, 2), alpha=alpha) if inplace else torch.baddbmm(y3, h3, b.transpose(1, 2), alpha=alpha)
+    out = y3.baddbmm_(h3, bt, alpha=alpha) if inplace else torch.baddbmm(y3, h3, bt, alpha=alpha)
     return out.view_as(y)
 
 
