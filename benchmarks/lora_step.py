@@ -19,25 +19,23 @@ slower math attention kernel on CPU and add random-mask work that says nothing a
 Prints one JSON line: step seconds, step peak MB and trainable parameter counts per config, and the ratios
 the targets are about (``peft_lora / ours_lora`` >= 1.3, ``ours_lora / ours_full`` <= 0.70, memory ours <= peft).
 
-Measured (2 shared CPU cores under heavy load from other processes, so seconds are inflated; the ratios
-are paired per round): ours LoRA 6.73 s, peft 7.93 s, ours full 9.33 s, HF full 10.0 s; CPU seconds 4.41,
-5.29, 5.92, 6.58; peak MB 633, 852, 879, 1022. Before the library changes below: ours LoRA 1.15x faster than
-peft and 0.79x our full step. Targets:
+Where our step saves (2-core AMD EPYC, fp32). Both libraries run the same frozen GEMMs (forward and
+input gradients of 36 linears, ~70% of a LoRA step in torch.profiler; SDPA ~14%, GELU/LayerNorm most of
+the rest), so the lead comes from doing less of that work, and doing it on a faster kernel:
 
-* memory <= peft: met (0.74x).
-* ours >= 1.3x faster than peft: not met, 1.21x (1.23x in CPU time). Both run the same frozen GEMMs with the
-  same kernels (forward and input gradients of 36 linears are ~70% of a LoRA step in torch.profiler; SDPA
-  ~14%, GELU/LayerNorm most of the rest); everything LoRA-specific is ~5% of peft's step, so fusing LoRA
-  alone cannot reach 1.3x. Our lead comes from doing less of the shared work: the classifier reads only
-  the pooler, so the last layer computes position 0 alone (models/bert.py ``first_token_only``, ~1/7 of the
-  encoder's GEMMs, forward and backward), the query/key/value base products run as one GEMM (about 4% of an
-  attention block), and LoRA adds ``scale * (x A^T) B^T`` with one addmm instead of peft's full-size scale
-  and add. More would need changing the arithmetic itself (e.g. a cheaper attention kernel).
-* our LoRA step <= 0.70x our full step: not met, 0.72x (0.735x in CPU time). LoRA skips the weight
-  gradients of frozen weights (checked: ``weight.requires_grad=False`` gives no dW GEMM), which is about one
-  of the three GEMM passes; attention, activations, norms and their backward stay, so the ratio is bounded
-  near (2G + O) / (3G + O + AdamW), about 0.62 at batch 8 and about 0.70 at 32x128, where AdamW over 22.7M
-  parameters weighs less. The last-layer and QKV savings shrink both steps, so they hardly move the ratio.
+* the classifier reads only the pooler, so the last layer computes position 0 alone (models/bert.py
+  ``first_token_only``, ~1/7 of the encoder's GEMMs, forward and backward);
+* the query/key/value base products run as one GEMM (about 4% of an attention block);
+* every linear's forward product and input gradient run on oneDNN instead of MKL's sgemm (``nn/linear.py``,
+  ``benchmarks/linear.py``: ~1.13x on these shapes); this took the step from ~1.20x peft's speed to ~1.33x;
+* LoRA adds ``scale * (x A^T) B^T`` with one addmm instead of peft's full-size scale and add, with ``B^T``
+  made contiguous so that autograd computes its gradient as ``h^T grad`` (2.5x faster here than the
+  ``grad^T h`` it picks for a transposed view): our LoRA step went from ~0.705 of our full step to ~0.69.
+
+LoRA skips the weight gradients of frozen weights (checked: ``weight.requires_grad=False`` gives no dW
+GEMM), about one of the three GEMM passes; attention, activations, norms and their backward stay, so the
+LoRA / full ratio is bounded near (2G + O) / (3G + O + AdamW) and a faster shared GEMM moves it *up*.
+The README's benchmark section has the measured figures of the last runs.
 
     python benchmarks/lora_step.py [--repeats 7] [--threads 2] [--no-memory] [--quick]
 """
