@@ -34,15 +34,9 @@ import subprocess
 import sys
 import time
 
+from timing import rss_mark, rss_peak_mib
+
 HIDDEN, HEADS, WINDOW = 768, 12, 256
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _build(impl: str, seq: int, block: int | None):
@@ -112,13 +106,11 @@ def child(spec: dict) -> dict:
             with torch.no_grad():
                 layer(x)
 
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the high-water mark to the current resident set
+    mark = rss_mark()
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    peak_mib = (_status_kib("VmHWM") - before) / 1024
+    peak_mib = rss_peak_mib(mark)
     times = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(spec["repeats"]):

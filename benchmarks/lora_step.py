@@ -29,7 +29,7 @@ the rest), so the lead comes from doing less of that work, and doing it on a fas
 * every linear's forward product and input gradient run on oneDNN instead of MKL's sgemm (``nn/linear.py``,
   ``benchmarks/linear.py``: ~1.13x on these shapes); this took the step from ~1.20x peft's speed to ~1.33x;
 * LoRA adds ``scale * (x A^T) B^T`` with one addmm instead of peft's full-size scale and add, with ``B^T``
-  made contiguous so that autograd computes its gradient as ``h^T grad`` (2.5x faster here than the
+  made contiguous so that autograd computes its gradient as ``h^T grad`` (2.5x faster in a scratch timing than the
   ``grad^T h`` it picks for a transposed view): our LoRA step went from ~0.705 of our full step to ~0.69.
 
 LoRA skips the weight gradients of frozen weights (checked: ``weight.requires_grad=False`` gives no dW
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from timing import rss_mark, rss_peak_mib
 from torch import nn
 
 CONFIGS = ("ours_lora", "peft_lora", "ours_full", "hf_full")
@@ -134,11 +134,6 @@ def stepper(model: nn.Module, device: torch.device) -> Callable[[], float]:
     return step
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
-
-
 def step_peak_mb(kind: str, path: str, device: torch.device, steps: int = 3) -> float:
     """Peak memory of ``steps`` training steps beyond what the built model and optimizer already hold."""
     step = stepper(build(kind, path), device)
@@ -149,12 +144,10 @@ def step_peak_mb(kind: str, path: str, device: torch.device, steps: int = 3) -> 
         for _ in range(steps):
             step()
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_kb("VmRSS")
+    mark = rss_mark()
     for _ in range(steps):
         step()
-    return (_status_kb("VmHWM") - before) / 1024
+    return rss_peak_mib(mark)
 
 
 def memory_in_subprocess(kind: str, args: argparse.Namespace) -> float:

@@ -30,16 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import rss_mark, rss_peak_mib
+
 SHAPES = {"bert": (32, 128), "longformer": (4, 1024)}
 LABELS = 2
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _model(model: str, impl: str, path: str):
@@ -84,21 +78,19 @@ def child(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    before = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+    mark = rss_mark()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         allocated = torch.cuda.memory_allocated()
     step()
     peak = (torch.cuda.max_memory_allocated() - allocated) / 2**20 if device.type == "cuda" \
-        else _status_mib("VmHWM") - before
+        else rss_peak_mib(mark)
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {**spec, "batch": batch, "seq": seq, "dropout": 0.1, "step_s": round(statistics.median(times), 3),
+    return {**spec, "batch": batch, "seq": seq, "dropout": model.config.hidden_dropout_prob, "step_s": round(statistics.median(times), 3),
             "min_s": round(min(times), 3), "peak_mib": round(peak, 1)}
 
 

@@ -303,7 +303,7 @@ class BertForPreTraining(BertTaskModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.mlm_head = MLMHead(config, self.backbone.embeddings.tokens)
-        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        self.nsp_head = Linear(config.hidden_size, 2)
         _init_head(self, config, only=(self.mlm_head, self.nsp_head))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
@@ -340,7 +340,7 @@ class BertForSequenceClassification(BertTaskModel):
         super().__init__(config)
         dropout = config.extra.get("classifier_dropout")
         self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
         _init_head(self, config, only=(self.classifier,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
@@ -362,7 +362,7 @@ class BertForTokenClassification(BertTaskModel):
         super().__init__(config)
         dropout = config.extra.get("classifier_dropout")
         self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
         _init_head(self, config, only=(self.classifier,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:

@@ -186,7 +186,7 @@ class LongformerClassificationHead(nn.Module):
         dropout = config.extra.get("classifier_dropout")
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.out_proj = Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         x = torch.tanh(self.dense(self.dropout(hidden_states[:, 0])))
