@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deltaformer demo
+	$(BIN)/deltaformer demo --overwrite
 
 fetch: $(STAMP)
 	$(BIN)/python -m deltaformer.data.assets

@@ -90,7 +90,7 @@ def run_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                         eval_batch_size=args.batch_size, bf16=args.bf16, seed=args.seed, progress=args.progress,
                         device=args.device)
     spec = FinetuneSpec(model=model, out=args.work / f"run-{kind}", method=MethodSpec("full"), task=TASK,
-                        max_length=max_length, train=train, limit=args.limit)
+                        max_length=max_length, train=train, limit=args.limit, overwrite=True)
     results = finetune(spec)
     truncated, mean_tokens = truncated_fraction(model, max_length, args.limit)
     return {

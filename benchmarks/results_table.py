@@ -46,7 +46,7 @@ def run_one(method: str, options: dict, task: str, seed: int, epochs: int, lr: f
 
     spec = FinetuneSpec(model="minilm", out=out, task=task, method=MethodSpec(method, dict(options)),
                         train=TrainConfig(epochs=epochs, batch_size=32, lr=lr or DEFAULT_LR[method], seed=seed,
-                                          progress=False, device=device))
+                                          progress=False, device=device), overwrite=True)
     results = finetune(spec)
     return {
         "test_accuracy": results["test"]["accuracy"],

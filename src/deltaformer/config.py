@@ -4,15 +4,24 @@ A config names the architecture (``model_type``) and its sizes. Keys that Huggin
 bookkeeping (``architectures``, ``transformers_version``, ...) are kept in ``extra`` so a round trip loses
 nothing; a key a user passes by hand that no field knows is an error, because a typo (``hidden_sise``)
 would otherwise silently train the wrong model.
+
+Every field is checked when a config is made: its type against its annotation, its range against the field's
+metadata (``field(default=12, metadata={"min": 1, "help": ...})``; keys ``min``, ``max`` and ``above``, the
+last exclusive, applied to each number in a list too), so ``num_hidden_layers: -1`` or ``hidden_size: "32"``
+is an error naming the field and the value rather than a 0-layer model or a traceback. A new config gets
+the checks by declaring its fields so; nothing else is needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union
 
 from .errors import ConfigError
 
@@ -27,22 +36,122 @@ _HF_BOOKKEEPING = {
 }
 
 
+def at_least(default: Any, minimum: float, **metadata: Any) -> Any:
+    """A field whose value (or each number in its list) must be at least ``minimum``."""
+    return field(default=default, metadata={"min": minimum, **metadata})
+
+
+def probability(default: float) -> Any:
+    """A field holding a probability (a dropout rate): 0 to 1."""
+    return field(default=default, metadata={"min": 0, "max": 1})
+
+
+def check_fields(config: Any, skip: frozenset[str] = frozenset()) -> None:
+    """Check every dataclass field of ``config`` (except ``skip``) against its annotation and its metadata's
+    range; raises :class:`ConfigError` naming the class, the field and the value."""
+    hints = _type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        value, where = getattr(config, f.name), f"{type(config).__name__}.{f.name}"
+        expected = hints.get(f.name, Any)
+        if not _has_type(value, expected):
+            raise ConfigError(f"{where} must be {_describe(expected)}, got {value!r} ({type(value).__name__}): "
+                              "fix the value in config.json or where the config is made")
+        problem = _out_of_range(value, f.metadata)
+        if problem:
+            raise ConfigError(f"{where} {problem}: fix the value in config.json or where the config is made")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, arm) for arm in args)
+    if origin is Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if origin in (list, tuple):
+        inner = args[0] if args else Any
+        return isinstance(value, list | tuple) and all(_has_type(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:  # JSON true is not a size
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, expected) if isinstance(expected, type) else True
+
+
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+               bool: ("true or false", "booleans"), type(None): ("null", "nulls"), dict: ("an object", "objects")}
+
+
+def _describe(expected: Any, plural: bool = False) -> str:
+    """``int | list[int]`` -> "an integer or a list of integers", for error messages."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arm, plural) for arm in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple):
+        return ("lists of " if plural else "a list of ") + (_describe(args[0], True) if args else "values")
+    names = _TYPE_NAMES.get(origin or expected)
+    return names[plural] if names else getattr(expected, "__name__", str(expected))
+
+
+def _out_of_range(value: Any, metadata: Any) -> str | None:
+    """What is wrong with ``value`` (a number, or a list of them) under ``min`` / ``max`` / ``above``."""
+    numbers = list(_numbers(value))
+    for bound, fails, says in (("min", lambda x, b: x < b, "at least"), ("max", lambda x, b: x > b, "at most"),
+                               ("above", lambda x, b: x <= b, "above")):
+        if bound not in metadata:
+            continue
+        bad = next((x for x in numbers if fails(x, metadata[bound])), None)
+        if bad is not None:
+            shown = f"{bad!r}" if bad is value else f"{bad!r} (in {value!r})"
+            return f"must be {says} {metadata[bound]}, got {shown}"
+    return None
+
+
+def _numbers(value: Any) -> typing.Iterator[int | float]:
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
 @dataclass
 class ModelConfig:
-    """Fields shared by every architecture; subclasses add their own and register a ``model_type``."""
+    """Fields shared by every architecture; subclasses add their own and register a ``model_type``.
+
+    Fields are checked on construction (see the module docstring); ``derived`` names fields a subclass computes
+    from its own (LED's ``hidden_size`` from ``d_model``): those are checked under their source's name.
+    """
 
     model_type: ClassVar[str] = ""
     registry: ClassVar[dict[str, type[ModelConfig]]] = {}
+    derived: ClassVar[frozenset[str]] = frozenset()
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
+    vocab_size: int = at_least(30522, 1)
+    hidden_size: int = at_least(768, 1)
+    num_hidden_layers: int = at_least(12, 1)
+    num_attention_heads: int = at_least(12, 1)
+    intermediate_size: int = at_least(3072, 1)
     hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    initializer_range: float = 0.02
-    pad_token_id: int | None = 0
+    max_position_embeddings: int = at_least(512, 1)
+    initializer_range: float = at_least(0.02, 0)
+    pad_token_id: int | None = at_least(0, 0)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -51,6 +160,7 @@ class ModelConfig:
             ModelConfig.registry[cls.model_type] = cls
 
     def __post_init__(self) -> None:
+        check_fields(self, self.derived)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -66,6 +176,11 @@ class ModelConfig:
         """Labels of a classification head (``id2label`` in HF configs), 2 when unset."""
         id2label = self.extra.get("id2label")
         return len(id2label) if id2label else int(self.extra.get("num_labels", 2))
+
+    @property
+    def problem_type(self) -> str | None:
+        """HF's ``problem_type`` of a task head: it picks the loss (None: single-label classification)."""
+        return self.extra.get("problem_type")
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -115,7 +230,13 @@ class ModelConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the model") from exc
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object: a model's config.json "
+                              "maps names to values; re-download or re-save the model")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
@@ -142,10 +263,10 @@ class BertConfig(ModelConfig):
 
     model_type: ClassVar[str] = "bert"
 
-    type_vocab_size: int = 2
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    layer_norm_eps: float = 1e-12
+    type_vocab_size: int = at_least(2, 1)
+    hidden_dropout_prob: float = probability(0.1)
+    attention_probs_dropout_prob: float = probability(0.1)
+    layer_norm_eps: float = field(default=1e-12, metadata={"above": 0})
 
     @classmethod
     def check_supported(cls, extra: dict[str, Any]) -> None:
@@ -168,9 +289,9 @@ class LongformerConfig(BertConfig):
 
     model_type: ClassVar[str] = "longformer"
 
-    pad_token_id: int | None = 1
-    attention_window: int | list[int] = 512
-    attention_dilation: int | list[int | list[int]] = 1
+    pad_token_id: int | None = at_least(1, 0)
+    attention_window: int | list[int] = at_least(512, 2)
+    attention_dilation: int | list[int | list[int]] = at_least(1, 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,27 +328,28 @@ class LEDConfig(ModelConfig):
     under Hugging Face's field names; the shared ModelConfig fields mirror the encoder's."""
 
     model_type: ClassVar[str] = "led"
+    derived: ClassVar[frozenset[str]] = frozenset(_LED_ALIASES)
 
-    vocab_size: int = 50265
-    d_model: int = 1024
-    encoder_layers: int = 12
-    decoder_layers: int = 12
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
-    max_encoder_position_embeddings: int = 16384
-    max_decoder_position_embeddings: int = 1024
+    vocab_size: int = at_least(50265, 1)
+    d_model: int = at_least(1024, 1)
+    encoder_layers: int = at_least(12, 1)
+    decoder_layers: int = at_least(12, 1)
+    encoder_attention_heads: int = at_least(16, 1)
+    decoder_attention_heads: int = at_least(16, 1)
+    encoder_ffn_dim: int = at_least(4096, 1)
+    decoder_ffn_dim: int = at_least(4096, 1)
+    max_encoder_position_embeddings: int = at_least(16384, 1)
+    max_decoder_position_embeddings: int = at_least(1024, 1)
     activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
-    attention_window: int | list[int] = 512
-    attention_dilation: int | list[int | list[int]] = 1
-    pad_token_id: int | None = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
-    decoder_start_token_id: int = 2
+    dropout: float = probability(0.1)
+    attention_dropout: float = probability(0.0)
+    init_std: float = at_least(0.02, 0)
+    attention_window: int | list[int] = at_least(512, 2)
+    attention_dilation: int | list[int | list[int]] = at_least(1, 1)
+    pad_token_id: int | None = at_least(1, 0)
+    bos_token_id: int = at_least(0, 0)
+    eos_token_id: int = at_least(2, 0)
+    decoder_start_token_id: int = at_least(2, 0)
 
     def __post_init__(self) -> None:
         for ours, theirs in _LED_ALIASES.items():

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError
@@ -75,15 +76,45 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
     try:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index} is not a valid shard index ({exc}); re-download the checkpoint") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid shard index (weight_map must map names to file names); "
+                              "re-download the checkpoint")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(load_state_dict(index.parent / shard))
+        state.update(load_state_dict(index.parent / _shard_name(index, shard)))
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise CheckpointError(f"shards of {index} lack {len(missing)} tensor(s) such as {missing[0]}; re-download")
     return state
+
+
+def _shard_name(index: Path, shard: str) -> str:
+    """A shard named by an index must be a file of the model directory: an absolute path or ``..`` would let
+    a downloaded index read any file the user can. Checked on the name, not the resolved path, so a directory
+    of symbolic links (the Hugging Face cache) still loads."""
+    name = PurePath(shard)
+    if not shard or name.is_absolute() or ".." in name.parts:
+        raise CheckpointError(f"{index} names shard {shard!r}, outside the model directory: refusing to load it; "
+                              "re-download the checkpoint from a trusted source")
+    return shard
+
+
+#: What :func:`atomic_write` leaves beside ``path`` when killed mid-write: ``.<name>.<8 random characters>.tmp``
+#: (``tempfile.mkstemp``'s names).
+_PARTIAL_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files that writes killed midway left in ``directory`` (their targets are intact:
+    the rename never happened); returns the paths removed."""
+    removed = []
+    for path in sorted(Path(directory).glob(".*.tmp")):
+        if _PARTIAL_WRITE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write(path: Path, write) -> None:

@@ -35,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (a quick look)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         method=MethodSpec(args.method), max_length=64,
         train=TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr or DEFAULT_LR[args.method],
                           seed=args.seed, device=args.device, warmup_ratio=0.06, max_steps=args.max_steps),
-        resume=args.resume,
+        resume=args.resume, overwrite=args.overwrite,
     )
     print(f"demo: {args.method} on rt-polarity with MiniLM, {args.epochs} epoch(s), output in {args.out}")
     results = finetune(spec)

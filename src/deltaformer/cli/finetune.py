@@ -94,7 +94,11 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out, with the same settings (a changed one is "
+                   "refused, listed; a finished run is not extended: start a new one to train longer)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it or --resume, an existing run is refused)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -135,6 +139,7 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
         validation_file=args.validation, test_file=args.test,
         fields=Fields(args.text_field, args.pair_field, args.label_field), skip_bad_rows=args.skip_bad_rows,
         max_length=args.max_length, train=train_config_from_args(args), resume=args.resume,
+        overwrite=args.overwrite,
     )
 
 

@@ -47,6 +47,9 @@ def _examples(args: argparse.Namespace, fields: Fields) -> list[Example]:
                 if line.strip()]
     if not args.texts:
         raise ConfigError("nothing to predict: pass TEXT arguments, --file FILE, or '-' to read stdin")
+    blank = next((i for i, t in enumerate(args.texts, 1) if not t.strip()), None)
+    if blank is not None:  # a label for no text would be the head's bias, not a prediction
+        raise ConfigError(f"argument {blank} is empty (or only whitespace): there is no text to label; drop it")
     return [Example(text=t, source=f"argument {i}") for i, t in enumerate(args.texts, 1)]
 
 

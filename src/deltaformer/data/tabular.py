@@ -4,12 +4,21 @@ Every example remembers the file and line it came from, so a bad row (missing te
 that are not UTF-8, broken JSON) is reported as ``file:line: what is wrong``; with ``skip_bad_rows`` such
 rows are dropped and counted instead. Labels are kept as strings here and mapped to ids by :class:`LabelMap`,
 which the run saves so evaluation and prediction use the training mapping.
+
+Labels are compared as written, with one exception: a decimal spelling of a number (``1.0``, ``2.50``, what a
+float column in a spreadsheet gives) is read as its shortest form (``1``, ``2.5``), so "1" and "1.0" are one
+class. Other spellings that look alike (``true`` and ``1``, ``Pos`` and ``pos``, ``01`` and ``1``) are not
+guessed at: the training labels are refused, listing them, because merging or splitting them silently would
+train a different task than the user meant.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +72,13 @@ class LabelMap:
 
     @classmethod
     def from_examples(cls, examples: Iterable[Example]) -> LabelMap:
-        names = {e.label for e in examples if e.label is not None}
-        return cls(sorted(names, key=_label_sort_key))
+        """The labels of ``examples``; refuses labels that look like spellings of one value."""
+        first_seen: dict[str, str] = {}
+        for example in examples:
+            if example.label is not None:
+                first_seen.setdefault(example.label, example.source)
+        _check_spellings(first_seen)
+        return cls(sorted(first_seen, key=_label_sort_key))
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -93,6 +107,42 @@ class LabelMap:
             return cls(id2label[str(i)] for i in range(len(id2label)))
         label2id = data["label2id"]
         return cls(sorted(label2id, key=label2id.__getitem__))
+
+
+_DECIMAL = re.compile(r"(-?\d+)\.(\d*?)0+")  # a decimal with trailing zeros: whole part, significant fraction
+
+
+def canonical_label(name: str) -> str:
+    """``1.0`` -> ``1``, ``2.50`` -> ``2.5``: one number's decimal spellings are one label. Nothing else changes
+    (``01``, ``+1``, ``1e0`` are left as written: they may be codes, and :meth:`LabelMap.from_examples` flags them)."""
+    match = _DECIMAL.fullmatch(name)
+    if match is None:
+        return name
+    whole, fraction = match.groups()
+    return f"{whole}.{fraction}" if fraction else whole
+
+
+def _spelling_key(name: str) -> str:
+    """What two spellings of one value share: case folded, booleans as 0/1, numbers by value."""
+    folded = name.casefold()
+    folded = {"true": "1", "false": "0"}.get(folded, folded)
+    try:
+        number = float(folded)
+    except ValueError:
+        return folded
+    return repr(number + 0.0) if math.isfinite(number) else folded  # + 0.0: -0 and 0 alike
+
+
+def _check_spellings(first_seen: dict[str, str]) -> None:
+    """Refuse labels (name -> where it first appears) that look like spellings of one value."""
+    groups: dict[str, list[str]] = {}
+    for name in first_seen:
+        groups.setdefault(_spelling_key(name), []).append(name)
+    clashes = [sorted(names, key=_label_sort_key) for names in groups.values() if len(names) > 1]
+    if clashes:
+        listed = "; ".join(" and ".join(f"{n!r} ({first_seen[n] or 'example'})" for n in names) for names in clashes)
+        raise DataError(f"labels {listed} look like spellings of one value: write each label one way (a decimal "
+                        "like 1.0 is already read as 1), so classes are not split or merged by guesswork")
 
 
 def _label_sort_key(name: str) -> tuple[int, float, str]:
@@ -137,6 +187,7 @@ def _delimited_rows(path: Path, delimiter: str, fields: Fields, need_label: bool
     """(first line of record, row, problem) for a CSV/TSV file with a header row."""
     # surrogateescape lets a row with invalid UTF-8 be read and reported on its own line instead of
     # failing the whole file.
+    _allow_long_fields()
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         header = reader.fieldnames or []
@@ -166,6 +217,14 @@ def _delimited_rows(path: Path, delimiter: str, fields: Fields, need_label: bool
                 yield start, row, "text is not valid UTF-8 (save the file as UTF-8)"
             else:
                 yield start, row, None
+
+
+def _allow_long_fields() -> None:
+    """Lift the csv module's 128 KiB field limit: a long document is a valid field (JSONL reads it too). The
+    limit is process-wide, which only ever lets other readers accept more."""
+    limit = min(sys.maxsize, 2**31 - 1)  # the C long behind the limit is 32 bits on some platforms
+    if csv.field_size_limit() < limit:
+        csv.field_size_limit(limit)
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
@@ -200,6 +259,7 @@ def _to_example(row: dict[str, Any], fields: Fields, need_label: bool, source: s
             return None, f"missing or empty text field {fields.text_pair!r}"
     label = row.get(fields.label)
     label = None if label is None else _text(label)
+    label = canonical_label(label) if label else label
     if need_label and not label:
         return None, f"missing label field {fields.label!r}"
     return Example(text=text, text_pair=pair, label=label or None, source=source), None

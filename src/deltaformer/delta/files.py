@@ -6,6 +6,10 @@ loads ours and :func:`load_delta` loads peft's. Other methods write the same two
 ``peft_type`` (``DELTAFORMER_*``) and their config under ``"deltaformer"``. Our full config also rides in
 the safetensors metadata, which peft ignores, so options peft cannot express (P-tuning v2, target names
 as given) survive a round trip. Both files are written atomically.
+
+``adapter_config.json`` is the source of truth (peft reads only it): when the metadata describes a delta
+whose adapter_config.json would differ from the file's (a user edited ``lora_alpha`` or ``r``), loading
+stops with an error naming both values instead of silently following the metadata.
 """
 
 from __future__ import annotations
@@ -125,12 +129,14 @@ def load_delta(model: nn.Module, directory: str | Path, name: str | None = None,
     from .api import active, attach, detach, set_active
 
     data, tensors, meta = read_delta_files(directory)
-    method, config = _method_and_config(data, meta, model)
+    method, config, from_meta = _method_and_config(data, meta, model)
     name = name or (meta or {}).get("name") or "default"
     head_tensors, delta_tensors = _split_head(model, tensors, method)
     was_active = active(model)
     attach(model, config, name)
     try:
+        if from_meta:
+            _check_config_agrees(model, method, name, config, data, Path(directory))
         method.load_tensors(model, name, delta_tensors)
         if head:
             _load_head(model, head_tensors)
@@ -142,7 +148,9 @@ def load_delta(model: nn.Module, directory: str | Path, name: str | None = None,
     return model
 
 
-def _method_and_config(data: dict[str, Any], meta: dict[str, Any] | None, model: nn.Module) -> tuple[Method, DeltaConfig]:
+def _method_and_config(data: dict[str, Any], meta: dict[str, Any] | None,
+                       model: nn.Module) -> tuple[Method, DeltaConfig, bool]:
+    """(method, config, whether the config came from our metadata rather than adapter_config.json)."""
     peft_type = data.get("peft_type")
     by_type = {m.peft_type: m for m in reversed(list(METHODS.values())) if m.peft_type}
     if peft_type not in by_type:
@@ -151,14 +159,45 @@ def _method_and_config(data: dict[str, Any], meta: dict[str, Any] | None, model:
     if meta and meta.get("method") in METHODS and METHODS[meta["method"]].peft_type == peft_type:
         method = METHODS[meta["method"]]
         try:
-            return method, method.config_class.from_dict(meta["config"])
+            return method, method.config_class.from_dict(meta["config"]), True
         except (DeltaError, TypeError, KeyError):
             log.warning("ignoring unreadable deltaformer metadata in the delta file; using adapter_config.json")
     method = by_type[peft_type]
     try:
-        return method, method.config_from_file(data, model)
+        return method, method.config_from_file(data, model), False
     except (TypeError, ValueError) as exc:
         raise DeltaError(f"adapter_config.json has a bad value for {peft_type} ({exc}): re-save the delta") from exc
+
+
+#: adapter_config.json fields that say where a delta came from or how peft wraps it, not what the delta is.
+_BOOKKEEPING = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "modules_to_save", "revision",
+                          "peft_version", "auto_mapping"})
+
+
+def _check_config_agrees(model: nn.Module, method: Method, name: str, config: DeltaConfig, data: dict[str, Any],
+                         directory: Path) -> None:
+    """The attached delta (built from our metadata) must be the one adapter_config.json describes: what it
+    would write there is compared with what the file holds, field by field."""
+    written, _ = method.export(model, name, config)
+    saved, found = _flat(written), _flat(data)
+    differ = sorted(k for k in saved if k.split(".")[0] not in _BOOKKEEPING and found.get(k, _ABSENT) != saved[k])
+    if differ:
+        given = ", ".join(f"{k}={found[k]!r}" if k in found else f"no {k}" for k in differ)
+        meant = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        raise DeltaError(f"{directory / CONFIG_FILE} has {given} but the deltaformer metadata in {WEIGHTS_FILE} has "
+                         f"{meant}: adapter_config.json is what peft reads, so the two files disagree; undo the "
+                         "edit, or re-save the delta with save_delta")
+
+
+_ABSENT = object()
+
+
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    """Our own formats nest the config under ``deltaformer``: compare its fields one by one."""
+    out = {k: v for k, v in data.items() if k != META_KEY}
+    if isinstance(data.get(META_KEY), dict):
+        out.update({f"{META_KEY}.{k}": v for k, v in data[META_KEY].items()})
+    return out
 
 
 def _split_head(model: nn.Module, tensors: dict[str, Tensor], method: Method) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

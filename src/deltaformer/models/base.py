@@ -143,10 +143,11 @@ class PreTrainedModel(nn.Module):
     # --- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **config_changes: Any) -> Self:
+    def from_pretrained(cls, name_or_path: str | Path, *, log_report: bool = True, **config_changes: Any) -> Self:
         """Load an HF model directory (or a known asset name) with exact weights.
 
         ``config_changes`` override config fields, e.g. ``num_labels`` via ``extra`` or dropout rates.
+        ``log_report=False`` leaves reporting missing weights to a caller that loads them next (``load_report``).
         """
         path = resolve_path(name_or_path)
         config = load_config(path)
@@ -163,7 +164,7 @@ class PreTrainedModel(nn.Module):
             config.extra.pop("label2id", None)
         model = cls(config)
         report = model.load_hf_state_dict(load_state_dict(path))
-        if report.missing or report.unexpected:
+        if log_report and (report.missing or report.unexpected):
             log.warning("loading %s into %s: %s", path, cls.__name__, report)
         model.load_report = report
         return model.eval()
@@ -257,6 +258,9 @@ def resolve_path(name_or_path: str | Path) -> Path:
     """A model directory, or a known asset name fetched on first use."""
     path = Path(name_or_path)
     if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a model directory (the folder holding config.json "
+                                  f"and the weights): pass {path.parent}")
         return path
     try:
         from ..data.assets import resolve_model_path

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
 from ..config import BertConfig
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..nn.attention import SelfAttention
 from ..nn.dropout import Dropout
 from ..nn.linear import Linear, linear
@@ -318,10 +318,21 @@ class BertForPreTraining(BertTaskModel):
                           extra_logits={"seq_relationship": nsp_logits})
 
 
-def classification_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tensor:
-    """Cross-entropy for classes, mean squared error for a single regression output."""
-    if num_labels == 1:
-        return F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
+def classification_loss(logits: Tensor, labels: Tensor, num_labels: int, problem_type: str | None = None) -> Tensor:
+    """The loss of HF's ``problem_type``: cross-entropy (single-label classification, the default), mean squared
+    error (regression), binary cross-entropy per label (multi-label). The number of labels never picks it: a
+    one-class classifier would otherwise silently become a regression."""
+    if problem_type == "regression":
+        target = labels.to(logits.dtype)
+        return F.mse_loss(logits.view(-1), target.view(-1)) if num_labels == 1 else F.mse_loss(logits, target)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    if problem_type not in (None, "single_label_classification"):
+        raise ConfigError(f"unknown problem_type {problem_type!r}: use single_label_classification, "
+                          "multi_label_classification or regression")
+    if num_labels < 2:
+        raise InputError(f"a classification head needs at least two labels, this one has {num_labels}: for a "
+                         "regression head set problem_type='regression' in the model config")
     valid = labels[labels != -100]
     if valid.numel() and (int(valid.max()) >= num_labels or int(valid.min()) < 0):
         bad = int(valid.max()) if int(valid.max()) >= num_labels else int(valid.min())
@@ -330,7 +341,7 @@ def classification_loss(logits: Tensor, labels: Tensor, num_labels: int) -> Tens
 
 
 class BertForSequenceClassification(BertTaskModel):
-    """Pooled [CLS] -> dropout -> linear classifier (regression when ``num_labels == 1``)."""
+    """Pooled [CLS] -> dropout -> linear classifier; the config's ``problem_type`` picks the loss."""
 
     hf_architecture = "BertForSequenceClassification"
     head_rules = [("classifier", "classifier")]
@@ -346,7 +357,8 @@ class BertForSequenceClassification(BertTaskModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, first_token_only=True, **kwargs)
         logits = self.classifier(self.dropout(out.pooler_output))
-        loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
+        loss = (classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
+                if labels is not None else None)
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 

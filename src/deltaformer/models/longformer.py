@@ -225,7 +225,8 @@ class LongformerForSequenceClassification(PreTrainedModel):
             global_attention_mask[:, 0] = 1
         out = self.backbone(input_ids, attention_mask, global_attention_mask, token_type_ids, **kwargs)
         logits = self.classifier(out.last_hidden_state)
-        loss = classification_loss(logits, labels, self.config.num_labels) if labels is not None else None
+        loss = (classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
+                if labels is not None else None)
         return LongformerHeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                     attentions=out.attentions, global_attentions=out.global_attentions)
 

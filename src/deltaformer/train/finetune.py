@@ -23,9 +23,9 @@ from ..errors import ConfigError
 from .distributed import barrier, init_distributed
 from .evaluation import evaluate
 from .methods import MethodSpec
-from .runs import build_classifier, read_run_info, save_run_model, trainable_state, write_run_info
+from .runs import TASK_TYPE, build_classifier, read_run_info, save_run_model, trainable_state, write_run_info
 from .seeding import seed_everything
-from .trainer import RESULTS, TrainConfig, Trainer, write_json
+from .trainer import CHECKPOINT, RESULTS, RESUME_FREE, TrainConfig, Trainer, settings_differences, write_json
 
 log = logging.getLogger("deltaformer")
 
@@ -46,6 +46,7 @@ class FinetuneSpec:
     max_length: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = False
+    overwrite: bool = False  # replace a run already in ``out`` (else only ``resume`` may use it)
     limit: int | None = None  # keep only the first N examples of each split: quick smoke runs on CPU
 
 
@@ -72,6 +73,9 @@ def load_splits(spec: FinetuneSpec) -> Splits:
     train = read_table(spec.train_file, spec.fields, skip_bad_rows=spec.skip_bad_rows)
     skipped += train.skipped
     labels = LabelMap.from_examples(train.examples)
+    if len(labels) < 2:
+        raise DataError(f"{spec.train_file}: every example has the label {labels.labels[0]!r}, and classification "
+                        f"needs at least two classes: check the file and --label-field ({spec.fields.label!r})")
     if spec.validation_file is not None:
         val = read_table(spec.validation_file, spec.fields, skip_bad_rows=spec.skip_bad_rows)
         skipped += val.skipped
@@ -116,9 +120,11 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     start = time.perf_counter()
     env = init_distributed(spec.train.device)
     out = Path(spec.out)
+    _check_out(out, spec.resume, spec.overwrite)
     splits = limit_splits(load_splits(spec), spec.limit)
     info = {
         "base_model": model_reference(spec.model),
+        "task_type": TASK_TYPE,
         "method": spec.method.name,
         "method_options": spec.method.options,
         "max_length": splits.max_length,
@@ -128,9 +134,10 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     }
     if spec.resume and (out / "run.json").is_file():
         _check_same_run(read_run_info(out), info, out)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model)
+    barrier(env)  # every process has looked at ``out`` before the main one writes to it
     seed_everything(spec.train.seed)  # the fresh head and delta are initialised from the seed
     model = build_classifier(spec.model, splits.labels, spec.method)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model)
 
     skipped = list(splits.skipped)
     encoded = {name: encode_examples(tokenizer, examples, splits.max_length, splits.labels,
@@ -181,10 +188,30 @@ def peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """``out`` must be a directory, and a run already in it is only continued (resume) or replaced (overwrite)
+    when asked: training over it would silently replace its weights and checkpoint."""
+    if resume and overwrite:
+        raise ConfigError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory: choose a directory for the run")
+    if resume or overwrite or not ((out / "run.json").is_file() or (out / CHECKPOINT).is_file()):
+        return
+    kind = "a finished run" if (out / RESULTS).is_file() else "an unfinished run"
+    raise ConfigError(f"--out {out} already holds {kind}: pass --resume to continue it, --overwrite to replace it, "
+                      "or choose another --out")
+
+
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
-    for key in ("base_model", "method", "method_options", "max_length", "labels"):
-        if saved.get(key) != now.get(key):
-            raise ConfigError(
-                f"--resume: {out} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}; "
-                "resume with the same settings or choose another --out"
-            )
+    """A resumed run must be the run that was started: same model, method, data and every training setting
+    that shapes it (:data:`~deltaformer.train.trainer.RESUME_FREE` lists those that may change)."""
+    changed = settings_differences(saved, {k: v for k, v in now.items() if k != "train_config"})
+    changed += settings_differences(saved.get("train_config", {}), now["train_config"], RESUME_FREE)
+    if changed:
+        longer = any(name.startswith(("max_steps=", "epochs=")) for name in changed)
+        raise ConfigError(
+            f"--resume: {out} was trained with {', '.join(changed)}; resume with the run's own settings, or start "
+            "a new run (another --out, or --overwrite)"
+            + ("; a finished run is not extended, since its learning-rate schedule ends at its own length: to "
+               "train longer, start a new run with more steps" if longer else "")
+        )

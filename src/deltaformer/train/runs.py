@@ -2,7 +2,7 @@
 
 Layout (``deltaformer finetune --out RUN``)::
 
-    RUN/run.json          base model, method + options, data, max_length, training settings
+    RUN/run.json          base model, task type, method + options, data, max_length, training settings
     RUN/label2id.json     label names <-> ids used in training
     RUN/model/            config.json (with id2label / label2id) and
                             model.safetensors      for ``full``: a plain HF checkpoint (+ tokenizer files)
@@ -17,6 +17,7 @@ trained part is stored per run.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,17 @@ from torch import nn
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..data.tabular import LabelMap
 from ..errors import CheckpointError, ConfigError
-from ..models.base import PreTrainedModel, resolve_path
+from ..models.base import LoadReport, PreTrainedModel, resolve_path
 from .methods import MethodSpec, apply_method, save_method_delta
 from .trainer import write_json
 
+log = logging.getLogger("deltaformer")
+
 RUN_FORMAT = 1
+#: What a fine-tuning run learns, saved in run.json; it, never the number of labels, picks the loss, through
+#: the model config's ``problem_type`` (HF's name for it, so transformers picks the same loss).
+TASK_TYPE = "classification"
+PROBLEM_TYPE = "single_label_classification"
 
 
 @dataclass
@@ -63,17 +70,21 @@ def classifier_class(base: str | Path) -> type[PreTrainedModel]:
     raise ConfigError(f"no sequence-classification model for model_type {config.model_type!r}")
 
 
-def build_classifier(base: str, labels: LabelMap, spec: MethodSpec, **config_changes: Any) -> PreTrainedModel:
-    """Base weights + a fresh head for ``labels`` + the method's delta (fresh)."""
-    model = classifier_class(base).from_pretrained(base, num_labels=len(labels), **config_changes)
+def build_classifier(base: str, labels: LabelMap, spec: MethodSpec, log_report: bool = True,
+                     **config_changes: Any) -> PreTrainedModel:
+    """Base weights + a fresh head for ``labels`` + the method's delta (fresh); ``log_report=False`` when the
+    caller loads the head and delta next, so the fresh ones are not reported as such."""
+    model = classifier_class(base).from_pretrained(base, num_labels=len(labels), log_report=log_report,
+                                                   **config_changes)
     set_labels(model, labels)
     apply_method(model, spec)
     return model
 
 
 def set_labels(model: PreTrainedModel, labels: LabelMap) -> None:
-    """Record the label names in the model config, as HF's ``id2label`` / ``label2id``."""
-    model.config.extra = {**model.config.extra, **labels.to_json()}
+    """Record the label names in the model config, as HF's ``id2label`` / ``label2id``, and that the head
+    classifies (HF's ``problem_type``, which picks the loss here and in transformers)."""
+    model.config.extra = {**model.config.extra, **labels.to_json(), "problem_type": PROBLEM_TYPE}
     model.config.extra.pop("num_labels", None)
 
 
@@ -110,7 +121,39 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a deltaformer run directory (no run.json): pass the --out "
                               "directory of `deltaformer finetune`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    info = _read_json_object(path)
+    missing = [key for key in ("base_model", "method", "max_length") if key not in info]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: the run directory is damaged; re-run finetune")
+    if info.get("task_type", TASK_TYPE) != TASK_TYPE:
+        raise CheckpointError(f"{directory} holds a {info['task_type']!r} run; this version loads {TASK_TYPE} "
+                              "runs only")
+    return info
+
+
+def read_labels(directory: Path) -> LabelMap:
+    """The run's label map (label2id.json, written when training starts)."""
+    path = directory / "label2id.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no label2id.json: the run directory is incomplete or damaged; "
+                              "re-run finetune")
+    try:
+        return LabelMap.from_json(_read_json_object(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not hold a label map ({exc!r}): the run directory is damaged; "
+                              "re-run finetune") from exc
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the run directory is damaged; re-run "
+                              "finetune") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object: the run directory is "
+                              "damaged; re-run finetune")
+    return data
 
 
 def load_run(directory: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -119,7 +162,7 @@ def load_run(directory: str | Path, device: str | torch.device = "cpu") -> Loade
 
     directory = Path(directory)
     info = read_run_info(directory)
-    labels = LabelMap.from_json(json.loads((directory / "label2id.json").read_text(encoding="utf-8")))
+    labels = read_labels(directory)
     spec = MethodSpec(info["method"], info.get("method_options", {}))
     model_dir = directory / "model"
     if not model_dir.is_dir():
@@ -129,7 +172,7 @@ def load_run(directory: str | Path, device: str | torch.device = "cpu") -> Loade
         tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.txt").is_file() \
             else info["base_model"]
     else:
-        model = build_classifier(info["base_model"], labels, spec)
+        model = build_classifier(info["base_model"], labels, spec, log_report=False)
         state = load_state_dict(model_dir / "trainable.safetensors")
         expected = trainable_state(model)
         missing = sorted(set(expected) - set(state))
@@ -139,6 +182,11 @@ def load_run(directory: str | Path, device: str | torch.device = "cpu") -> Loade
         with torch.no_grad():
             for name, tensor in expected.items():
                 tensor.copy_(state[name])
+        # the base checkpoint lacked the head (and maybe more); report only what the run did not supply
+        report = model.load_report
+        model.load_report = LoadReport([n for n in report.missing if n not in state], report.unexpected)
+        if model.load_report.missing or model.load_report.unexpected:
+            log.warning("loading %s: %s", info["base_model"], model.load_report)
         tok_dir = info["base_model"]
     set_labels(model, labels)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

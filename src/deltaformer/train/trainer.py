@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoints.io import atomic_write, load_state_dict, save_state_dict
+from ..checkpoints.io import atomic_write, load_state_dict, remove_partial_writes, save_state_dict
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed
@@ -41,6 +41,11 @@ BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
 RESULTS = "results.json"
+
+#: TrainConfig fields that do not shape a run (where it runs, what it shows, how often it logs or saves): a
+#: resumed run may change them. Any other change would continue the run under settings it did not start with
+#: (the learning-rate schedule, for one, is fixed by the original length), so resuming refuses it.
+RESUME_FREE = frozenset({"progress", "device", "log_every", "save_every", "eval_batch_size", "checkpoint_full_model"})
 
 
 @dataclass
@@ -135,6 +140,8 @@ class Trainer:
         self.env = env = init_distributed(cfg.device)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for path in remove_partial_writes(self.run_dir):
+                log.warning("removed %s, left by a write that was interrupted", path.name)
         model = self.model.to(env.device)
         model.train()
         seed_everything(cfg.seed)
@@ -162,7 +169,8 @@ class Trainer:
             if resume:
                 log.warning("no checkpoint in %s: starting from the beginning", self.run_dir)
             self.metrics_log.reset()  # a fresh run in an old directory must not resume or report stale state
-            for stale in (BEST, CHECKPOINT, *(p.name for p in self.run_dir.glob("rng-rank*.safetensors"))):
+            for stale in (BEST, CHECKPOINT, RESULTS, PLOT,
+                          *(p.name for p in self.run_dir.glob("rng-rank*.safetensors"))):
                 (self.run_dir / stale).unlink(missing_ok=True)
         barrier(env)
 
@@ -323,6 +331,10 @@ class Trainer:
                 f"checkpoint {path} lacks trainable weight {missing[0]} (and {len(missing) - 1} more): it was "
                 "made with another method or model; resume with the same settings or use a new --out"
             )
+        changed = settings_differences(ckpt.state.get("config", {}), asdict(self.config), RESUME_FREE)
+        if changed:
+            raise ConfigError(f"checkpoint {path} was made with {', '.join(changed)}: resume with the settings the run "
+                              "started with, or start a new run in another directory")
         if ckpt.state.get("world_size", 1) != self.env.world_size:
             log.warning("checkpoint was written by %s process(es), resuming with %d: data order changes",
                         ckpt.state.get("world_size"), self.env.world_size)
@@ -379,6 +391,13 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def settings_differences(saved: dict[str, Any], now: dict[str, Any], free: frozenset[str] = frozenset()) -> list[str]:
+    """``name=old (now new)`` for each setting outside ``free`` that differs. A name ``saved`` lacks was not
+    recorded by the version that wrote it, so there is nothing to compare it with."""
+    return [f"{name}={saved[name]!r} (now {value!r})" for name, value in now.items()
+            if name in saved and name not in free and saved[name] != value]
 
 
 def write_json(path: Path, data: Any) -> None:
