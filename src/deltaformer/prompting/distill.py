@@ -99,7 +99,8 @@ def distill(model: PromptModel, pool: list[Example], task, spec, out: Path) -> d
     from ..tokenizer import AutoTokenizer
 
     method = spec.distill_method or MethodSpec("lora")
-    config = spec.distill_train or TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=spec.train.seed)
+    config = spec.distill_train or TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=spec.train.seed,
+                                                progress=spec.train.progress, device=spec.train.device)
     probs = teacher_probabilities(model, pool)
     labels = LabelMap(task.labels)
     tokenizer = AutoTokenizer.from_pretrained(spec.model)

@@ -81,7 +81,7 @@ class PromptRenderer:
         if self.answer_prefix and last is not None and last.kind == "literal" and last.value.endswith(self.answer_prefix):
             kept = last.value[:len(last.value) - len(self.answer_prefix)]
             self.pieces = (*self.pieces[:-1], *([Piece("literal", kept)] if kept else []))
-        self.frame = ([], []) if chat is not None else _special_frame(tokenizer)
+        self.frame = ([], []) if chat is not None else special_frame(tokenizer)
         if kind == "causal":
             self.frame = (self.frame[0], [])  # nothing may come between the prompt and its answer
         self.word_ids = [self._word_ids(c, w) for c, w in verbalizer.flat()]
@@ -276,7 +276,7 @@ def _cut_texts(block: _Block, room: int) -> bool:
     return True
 
 
-def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text (``[CLS]``/``[SEP]``, a bos)."""
     bare = list(tokenizer("prompt", add_special_tokens=False)["input_ids"])
     full = list(tokenizer("prompt", add_special_tokens=True)["input_ids"])
