@@ -25,7 +25,7 @@ from ..data.tabular import Example
 from ..errors import PromptError
 from ..models.base import HeadOutput
 from .rendering import PromptItem, PromptRenderer
-from .scoring import PromptCollator, PromptScorer, collator_for, model_inputs
+from .scoring import PromptCollator, PromptScorer, collator_for, logits_at, model_inputs
 
 
 @dataclass
@@ -106,13 +106,20 @@ class PromptModel(nn.Module):
                  for p in range(len(self.pvps))]
         counts = [x["input_ids"].shape[0] for x in parts]
         joined = _concat(parts)
-        with self._routing(counts):
-            logits = self.lm(**joined).logits
-        scores, start = [], 0
+        rows, positions, start = [], [], 0
         for p, (pvp, n) in enumerate(zip(self.pvps, counts)):
-            t = parts[p]["input_ids"].shape[1]
-            scores.append(pvp.scorer.class_scores(logits[start:start + n, :t], batch[f"{p}.positions"]))
+            rows.append(pvp.scorer.rows_of(batch[f"{p}.positions"]) + start)
+            positions.append(batch[f"{p}.positions"])
             start += n
+        flat_rows = torch.cat([r.flatten() for r in rows])
+        flat_positions = torch.cat([q.flatten() for q in positions])
+        with self._routing(counts):
+            picked = logits_at(self.lm, joined, flat_rows, flat_positions)
+        scores, start = [], 0
+        for pvp, r in zip(self.pvps, rows):
+            size = r.numel()
+            scores.append(pvp.scorer.class_scores(picked[start:start + size].view(*r.shape, -1)))
+            start += size
         return scores
 
     def _routing(self, counts: list[int]) -> contextlib.AbstractContextManager:

@@ -74,7 +74,7 @@ def build_prompt_model(lm: nn.Module, tokenizer, kind: str, labels: list[str], s
         raise ConfigError("--method probe trains a classification head on frozen features; prompt-based training "
                           "has no head to train: use a delta method (lora, ...) or full")
     chat = ChatFormat.from_tokenizer(tokenizer) if setup.chat else None
-    max_length = setup.max_length or _model_max_length(lm, tokenizer)
+    max_length = min(setup.max_length or 10**9, _model_max_length(lm, tokenizer))
     pvps = []
     for i, source in enumerate(setup.templates):
         template = Template.parse(source)
@@ -104,7 +104,7 @@ def build_prompt_model(lm: nn.Module, tokenizer, kind: str, labels: list[str], s
 
 def _model_max_length(lm: nn.Module, tokenizer) -> int:
     limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None) or 512
-    return int(min(limit, tokenizer.model_max_length or limit, 1024))
+    return int(min(limit, tokenizer.model_max_length or limit))
 
 
 @dataclass

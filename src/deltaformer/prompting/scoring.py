@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import PromptError
 from .rendering import PromptItem, PromptRenderer
@@ -43,18 +43,20 @@ class PromptScorer:
         self.word_row = torch.tensor(renderer.word_row, dtype=torch.long)
         self.word_class = torch.tensor(renderer.word_class, dtype=torch.long)
 
-    def token_log_probs(self, logits: Tensor, positions: Tensor) -> Tensor:
-        """(N, W, L) log-probability of each word token at its position; ``logits`` (N * rows, T, V)."""
+    def rows_of(self, positions: Tensor) -> Tensor:
+        """(N, W, L) row (of the batch's N * rows) that each position of ``positions`` (N, W, L) is read in."""
         n, words, length = positions.shape
-        device = logits.device
-        rows = torch.arange(n, device=device)[:, None] * self.rows_per_item + self.word_row.to(device)[None]
-        picked = logits[rows[..., None].expand(n, words, length), positions]  # (N, W, L, V)
-        tokens = self.tokens.to(device)[None, ..., None].expand(n, words, length, 1)
+        rows = torch.arange(n, device=positions.device)[:, None] * self.rows_per_item + self.word_row.to(positions.device)
+        return rows[..., None].expand(n, words, length)
+
+    def token_log_probs(self, picked: Tensor) -> Tensor:
+        """(N, W, L) log-probability of each word token from ``picked`` (N, W, L, V), the logits at its position."""
+        tokens = self.tokens.to(picked.device)[None, ..., None].expand(*picked.shape[:3], 1)
         return picked.float().log_softmax(-1).gather(-1, tokens).squeeze(-1)
 
-    def word_scores(self, logits: Tensor, positions: Tensor) -> Tensor:
+    def word_scores(self, picked: Tensor) -> Tensor:
         """(N, W) word scores under the word reduction."""
-        logp = self.token_log_probs(logits, positions)
+        logp = self.token_log_probs(picked)
         valid = torch.arange(logp.shape[-1], device=logp.device)[None, :] < self.lengths.to(logp.device)[:, None]
         if self.word_reduce == "first":
             return logp[..., 0]
@@ -63,9 +65,10 @@ class PromptScorer:
         total = (logp * valid).sum(-1)
         return total / self.lengths.to(logp.device) if self.word_reduce == "mean" else total
 
-    def class_scores(self, logits: Tensor, positions: Tensor) -> Tensor:
-        """(N, C) class scores: each class reduces its words' scores."""
-        words = self.word_scores(logits, positions)
+    def class_scores(self, picked: Tensor) -> Tensor:
+        """(N, C) class scores from the logits at the words' positions (:func:`logits_at`): each class reduces
+        its words' scores."""
+        words = self.word_scores(picked)
         member = self.word_class.to(words.device)[None, :] == torch.arange(self.num_classes, device=words.device)[:, None]
         spread = words[:, None, :].expand(-1, self.num_classes, -1)  # (N, C, W)
         if self.class_reduce == "mean":
@@ -103,6 +106,20 @@ class PromptCollator:
         if any(label != -100 for label in labels):
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
+
+
+def logits_at(lm: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor) -> Tensor:
+    """The LM's logits at (``rows``, ``positions``) only, shape ``rows.shape + (V,)``.
+
+    The vocabulary projection is most of the cost of scoring (BERT-base: 23M of its 110M weights; the tiny
+    MLM's head is ten times its encoder), and only a few positions per row are read, so models whose body and
+    head can be called apart (``encode`` + ``mlm_head``) project those positions alone; others return full
+    logits, gathered here."""
+    head = getattr(lm, "mlm_head", None)
+    if head is not None and hasattr(lm, "encode"):
+        hidden = lm.encode(**inputs).last_hidden_state
+        return head(hidden[rows, positions])
+    return lm(**inputs).logits[rows, positions]
 
 
 def collator_for(scorer: PromptScorer, tokenizer) -> PromptCollator:
