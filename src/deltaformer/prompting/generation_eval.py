@@ -39,7 +39,11 @@ def evaluate_by_generation(renderer: PromptRenderer, lm: nn.Module, examples: Se
                            demonstrations: Sequence[Sequence[Example]] | None = None, max_new_tokens: int = 8,
                            batch_size: int = 16) -> dict[str, Any]:
     """Greedy answers to every prompt, left-padded in batches; accuracy and parse rate of the parsed labels."""
-    from ..generation import generate
+    try:
+        from ..generation import generate
+    except ImportError:
+        raise PromptError("evaluation by generation needs deltaformer.generation, which this installation lacks: "
+                          "leave out --generate") from None
 
     if renderer.kind != "causal":
         raise PromptError("evaluation by generation needs a causal LM")
