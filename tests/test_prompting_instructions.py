@@ -88,3 +88,22 @@ def test_builtin_mixture_specs():
     assert all(len(set(p)) >= 5 for p in PHRASINGS.values())
     with pytest.raises(PromptError, match="'sst2' is not a task of the mixture"):
         parse_builtin("builtin:-sst2")
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_builtin_mixture_draws_training_examples_only():
+    from deltaformer.data.tasks import load_seq2seq_task, load_task
+    from deltaformer.prompting.mixture import build_mixture
+
+    mixture = build_mixture(parse_builtin("builtin:-rt-polarity"), per_task=10, seed=0)
+    assert len(mixture) == 30 and not any(c.source.startswith("rt-polarity") for c in mixture)
+    news = {e.label for e in load_task("bbc-news").split("train")}
+    test_headlines = {p.target for p in load_seq2seq_task("bbc-headlines").split("test")}
+    for c in mixture:
+        user, reply = (m["content"] for m in c.messages)
+        if c.source.startswith("bbc-news"):
+            assert reply in news and any(user.startswith(p.split("{text}")[0]) for p in PHRASINGS["bbc-news"])
+        if c.source.startswith("bbc-headlines"):
+            assert reply not in test_headlines
+    assert build_mixture(["rt-reviews"], per_task=5, seed=1) == build_mixture(["rt-reviews"], per_task=5, seed=1)

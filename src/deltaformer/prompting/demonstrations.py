@@ -74,10 +74,12 @@ class DemonstrationSelector:
             self._pool_vectors = self.encoder.encode([_joined(e) for e in self.pool])
         query_vectors = self.encoder.encode([_joined(q) for q in queries])
         sims = query_vectors @ self._pool_vectors.T
+        where: dict[tuple[str, str | None], list[int]] = {}
+        for j, e in enumerate(self.pool):
+            where.setdefault((e.text, e.text_pair), []).append(j)
         for i, q in enumerate(queries):  # a query that is itself in the pool must not be its own demonstration
-            for j, e in enumerate(self.pool):
-                if e is q or (e.text == q.text and e.text_pair == q.text_pair):
-                    sims[i, j] = float("-inf")
+            for j in where.get((q.text, q.text_pair), ()):
+                sims[i, j] = float("-inf")
         top = sims.topk(self.k, dim=1).indices.flip(1)  # closest last
         return [[self.pool[j] for j in row] for row in top.tolist()]
 
