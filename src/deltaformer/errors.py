@@ -18,3 +18,7 @@ class CheckpointError(DeltaformerError):
 
 class InputError(DeltaformerError, ValueError):
     """Model inputs are malformed (too long, wrong shape, out-of-range ids)."""
+
+
+class DeltaError(DeltaformerError):
+    """A delta cannot be attached, routed, merged, saved or loaded; the message says what to do."""

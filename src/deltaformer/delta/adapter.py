@@ -11,6 +11,7 @@ Adapters cannot merge: the non-linearity sits between two matrices, so no single
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,19 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    DeltaWrapper,
-    Selection,
-    StackedDelta,
-    WrapperMethod,
-    check_shape,
-    kaiming_rows,
-    match_targets,
-    register,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
+from .method import WrapperMethod, register
+from .ops import check_shape, kaiming_rows
+from .routing import DeltaRouter, Selection
+from .targets import match_targets
+from .wrappers import DeltaWrapper, LayerPart
 
 #: Non-linearities with act(0) == 0 (zero padding of smaller adapters stays exact).
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
@@ -60,7 +55,7 @@ class AdapterConfig(DeltaConfig):
             raise DeltaError(f"adapter bottleneck {self.bottleneck} must be at least 1")
 
 
-class AdapterPart(StackedDelta):
+class AdapterPart(LayerPart[AdapterConfig]):
     method = "adapter"
     stacked = ("down", "down_bias", "up", "up_bias")
     slot_lists = ("sizes", "acts", "residuals")
@@ -73,7 +68,7 @@ class AdapterPart(StackedDelta):
         self.residuals: list[bool] = []
         self.register_buffer("residual_vec", torch.zeros(0), persistent=False)
 
-    def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper) -> None:
+    def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
         r, like = config.bottleneck, wrapper.weight
         bound = 1 / math.sqrt(self.dim)
         rows = {
@@ -140,7 +135,7 @@ class AdapterPart(StackedDelta):
         return self.sizes[slot] * (2 * self.dim + 1) + self.dim
 
 
-class Adapter(WrapperMethod):
+class Adapter(WrapperMethod[AdapterConfig, AdapterPart]):
     name = "adapter"
     config_class = AdapterConfig
     peft_type = "DELTAFORMER_ADAPTER"
@@ -148,7 +143,10 @@ class Adapter(WrapperMethod):
     part_class = AdapterPart
     part_keys = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
 
-    def targets(self, model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> AdapterPart:
+        return AdapterPart(router, wrapper)
+
+    def targets(self, model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:
         names = config.targets if config.targets is not None else PLACES[config.kind]
         return {p: {} for p in match_targets(model, names, (nn.Linear,), config.layers)}
 

@@ -9,6 +9,7 @@ Files use peft's format (``...query.lora_A.weight``), so adapters load both ways
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,25 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    DeltaWrapper,
-    Selection,
-    StackedDelta,
-    WrapperMethod,
-    backbone_relative,
-    check_shape,
-    hf_name,
-    kaiming_rows,
-    match_targets,
-    pattern_value,
-    register,
-    sample_dropout,
-    without_excluded,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
 from .files import base_model_name, task_type
+from .method import WrapperMethod, register
+from .ops import add_product, check_shape, kaiming_rows, sample_dropout
+from .routing import DeltaRouter, Selection
+from .targets import backbone_relative, hf_name, match_targets, pattern_value, without_excluded
+from .wrappers import DeltaWrapper, LayerPart
 
 
 @dataclass
@@ -65,7 +55,7 @@ class LoraConfig(DeltaConfig):
             raise DeltaError(f"LoRA dropout {self.dropout} must be in [0, 1)")
 
 
-class LoraPart(StackedDelta):
+class LoraPart(LayerPart[LoraConfig]):
     """LoRA matrices of every LoRA delta on one linear layer."""
 
     method = "lora"
@@ -82,7 +72,8 @@ class LoraPart(StackedDelta):
         self.register_buffer("scale_vec", torch.zeros(0), persistent=False)
         self.register_buffer("dropout_vec", torch.zeros(0), persistent=False)
 
-    def add_slot(self, name: str, config: LoraConfig, wrapper: DeltaWrapper, rank: int, alpha: float) -> None:
+    def add_slot(self, name: str, config: LoraConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
+        rank, alpha = int(options["rank"]), float(options["alpha"])
         like = wrapper.weight
         a = kaiming_rows(rank, self.in_features, like)
         b = kaiming_rows(self.out_features, rank, like) if not config.init else like.new_zeros(self.out_features, rank)
@@ -139,25 +130,7 @@ class LoraPart(StackedDelta):
         return self.ranks[slot] * (self.in_features + self.out_features)
 
 
-def add_product(y: Tensor, h: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """``y + alpha * h @ b^T`` in one kernel: addmm for one ``b`` (out, r), baddbmm for per-sample ``b``
-    (B, out, r). Without autograd it accumulates into ``y`` in place (a fresh activation), which saves a
-    full-size allocation and a pass over memory; with autograd it stays out of place (nothing saved for
-    backward changes, and the base output is freed right after), and ``b^T`` is made contiguous: its
-    gradient is then computed as ``h^T @ grad`` (r x tokens x out), which ran 2.5x faster on CPU than the
-    ``grad^T @ h`` that autograd picks for a transposed view (the copy is out x r, nothing)."""
-    inplace = not torch.is_grad_enabled() and y.is_contiguous()
-    bt = b.transpose(-1, -2) if inplace else b.transpose(-1, -2).contiguous()
-    if b.dim() == 2:
-        y2, h2 = y.view(-1, y.shape[-1]) if inplace else y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-        out = y2.addmm_(h2, bt, alpha=alpha) if inplace else torch.addmm(y2, h2, bt, alpha=alpha)
-        return out.view_as(y)
-    y3, h3 = y.reshape(b.shape[0], -1, y.shape[-1]), h.reshape(b.shape[0], -1, h.shape[-1])
-    out = y3.baddbmm_(h3, bt, alpha=alpha) if inplace else torch.baddbmm(y3, h3, bt, alpha=alpha)
-    return out.view_as(y)
-
-
-class Lora(WrapperMethod):
+class Lora(WrapperMethod[LoraConfig, LoraPart]):
     name = "lora"
     config_class = LoraConfig
     peft_type = "LORA"
@@ -165,7 +138,10 @@ class Lora(WrapperMethod):
     part_class = LoraPart
     part_keys = ("lora_A.weight", "lora_B.weight")
 
-    def targets(self, model: nn.Module, config: LoraConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> LoraPart:
+        return LoraPart(router, wrapper)
+
+    def targets(self, model: nn.Module, config: LoraConfig) -> dict[str, dict[str, Any]]:
         out = {}
         for path in match_targets(model, config.targets, (nn.Linear,), config.layers):
             names = (path, hf_name(model, path))
@@ -175,15 +151,15 @@ class Lora(WrapperMethod):
             }
         return out
 
-    def file_config(self, model: nn.Module, name: str, config: LoraConfig) -> dict[str, Any]:  # type: ignore[override]
+    def file_config(self, model: nn.Module, name: str, config: LoraConfig) -> dict[str, Any]:
         modules, ranks, alphas = [], {}, {}
         for path, _, part in self.parts(model, name):
             hf = backbone_relative(model, hf_name(model, path))
             modules.append(hf)
             s = part.slot(name)
-            if part.ranks[s] != config.r:  # type: ignore[attr-defined]
-                ranks[hf] = part.ranks[s]  # type: ignore[attr-defined]
-            alpha = part.scales[s] * (math.sqrt(part.ranks[s]) if config.rslora else part.ranks[s])  # type: ignore[attr-defined]
+            if part.ranks[s] != config.r:
+                ranks[hf] = part.ranks[s]
+            alpha = part.scales[s] * (math.sqrt(part.ranks[s]) if config.rslora else part.ranks[s])
             if not math.isclose(alpha, config.alpha):
                 alphas[hf] = alpha
         return {

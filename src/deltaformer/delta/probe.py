@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import DeltaError
+from ..errors import DeltaError
 
 POOLINGS = ("cls", "mean")
 #: Batch keys passed on to the encoder; others (labels, ids of examples) are ignored.

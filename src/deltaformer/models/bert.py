@@ -122,6 +122,12 @@ class BertModel(PreTrainedModel):
     def backbone_name_map(cls) -> NameMap:
         return BERT_NAMES
 
+    def delta_backbone(self) -> PreTrainedModel:
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.tokens
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -239,6 +245,9 @@ class BertTaskModel(PreTrainedModel):
     @classmethod
     def name_map(cls) -> NameMap:
         return NameMap(cls.head_rules) + BERT_NAMES.prefixed("bert.", "backbone.")
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self.backbone
 
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                inputs_embeds=None, output_hidden_states=False, output_attentions=False,

@@ -99,6 +99,12 @@ class LongformerModel(PreTrainedModel):
     def backbone_name_map(cls) -> NameMap:
         return BERT_NAMES  # the global projections sit under attention.self like the local ones
 
+    def delta_backbone(self) -> PreTrainedModel:
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.tokens
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -216,6 +222,9 @@ class LongformerForSequenceClassification(PreTrainedModel):
     @classmethod
     def name_map(cls) -> NameMap:
         return NameMap([("classifier", "classifier")]) + BERT_NAMES.prefixed("longformer.", "backbone.")
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self.backbone
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 labels=None, **kwargs) -> LongformerHeadOutput:
