@@ -13,7 +13,7 @@ shared mechanism, one job per module: ``config`` (DeltaConfig), ``routing`` (the
 (input-side stores in the prompt hook), ``host`` (the :class:`~.host.DeltaHost` protocol a model
 implements), ``targets`` (module matching and HF names), ``method`` (the Method interface and registry),
 ``ops`` (tensor helpers), ``api`` (the verbs) and ``files`` (peft's format). ``base`` only re-exports the
-names it used to define. ``probe.layer_features`` pools every layer's hidden states for probing studies.
+names it used to define. Probing (``layer_features``) is a training mode: :mod:`deltaformer.train.probe`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from .ia3 import IA3Config
 from .lora import LoraConfig
 from .method import METHODS, method_for
 from .prefix import PrefixConfig, PTuningV2Config
-from .probe import layer_features
 from .prompt import PromptConfig
 from .ptuning import PTuningConfig
 
@@ -77,7 +76,6 @@ __all__ = [
     "format_summary",
     "freeze_base",
     "head_parameters",
-    "layer_features",
     "load_delta",
     "merge",
     "merge_and_unload",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -38,13 +38,17 @@ class AdapterConfig(DeltaConfig):
     ``bottleneck``: size r; ``residual``: add the adapter to its input (False: replace it)."""
 
     method: ClassVar[str] = "adapter"
-    kind: str = "houlsby"
-    bottleneck: int = 64
-    non_linearity: str = "relu"
-    residual: bool = True
-    targets: tuple[str, ...] | None = None
-    layers: tuple[int, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 1e-3
+    kind: str = field(default="houlsby", metadata={"help": "houlsby (after attention and feed-forward) or pfeiffer"})
+    bottleneck: int = field(default=64, metadata={"help": "adapter bottleneck size", "cli": "bottleneck",
+                                                   "finetune": 64, "aliases": ("reduction", "hidden")})
+    non_linearity: str = field(default="relu", metadata={"help": "activation between the two projections"})
+    residual: bool = field(default=True, metadata={"help": "add the adapter to its input (False: replace it)"})
+    targets: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "modules the adapters follow (None: those of kind)", "cli": "targets"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.kind not in PLACES:

@@ -9,7 +9,7 @@ Targets: every Linear and LayerNorm bias of the backbone, or the named subset (`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -27,9 +27,12 @@ class BitFitConfig(DeltaConfig):
     """``targets``: None = every bias of the backbone (Linear and LayerNorm), else module names."""
 
     method: ClassVar[str] = "bitfit"
-    targets: tuple[str, ...] | str | None = None
-    layers: tuple[int, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 1e-3
+    targets: tuple[str, ...] | str | None = field(default=None, metadata={
+        "help": "modules whose biases train (None: every bias of the backbone)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
 
 class BitFitPart(LayerPart[BitFitConfig]):

@@ -15,9 +15,17 @@ class DeltaConfig:
 
     ``modules_to_save``: head modules trained and saved with the delta (peft's name); None = the model's
     task head (``classifier``) when it has one.
+
+    Every fact about a method's options sits on its fields' metadata: ``help`` (what it does), ``cli`` (the
+    ``deltaformer finetune`` option, ``--name-with-dashes``, for the options the command line offers),
+    ``finetune`` (the default fine-tuning uses when it differs from the library's, which is peft's) and
+    ``aliases`` (other names accepted for it, e.g. peft's ``lora_alpha``). :mod:`deltaformer.train.methods`
+    builds the options and flags from them.
     """
 
     method: ClassVar[str] = ""
+    #: Peak learning rate of ``deltaformer finetune`` for this method (few parameters want a larger one).
+    finetune_lr: ClassVar[float] = 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -8,7 +8,7 @@ ones (the identity) and merge exactly into the weights. Stacked per layer as ``s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -28,11 +28,16 @@ class IA3Config(DeltaConfig):
     """``targets`` and ``feedforward`` name modules as LoRA's targets do; feed-forward ones scale their input."""
 
     method: ClassVar[str] = "ia3"
-    targets: tuple[str, ...] | str = ("key", "value", "mlp.down")
-    feedforward: tuple[str, ...] | str = ("mlp.down",)
-    layers: tuple[int, ...] | None = None
-    init: bool = True
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    targets: tuple[str, ...] | str = field(default=("key", "value", "mlp.down"), metadata={
+        "help": "modules whose outputs (or, for feedforward ones, inputs) are scaled", "cli": "targets",
+        "aliases": ("target_modules",)})
+    feedforward: tuple[str, ...] | str = field(default=("mlp.down",), metadata={
+        "help": "targets scaled at their input (peft's feedforward_modules)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    init: bool = field(default=True, metadata={"help": "vectors start at ones (False: random, not the identity)"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
 
 class IA3Part(LayerPart[IA3Config]):

@@ -15,7 +15,7 @@ Cannot merge: extra attention slots change every softmax; no weight equals them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -40,12 +40,18 @@ class PrefixConfig(DeltaConfig):
     reparameterisation; ``init_std``: normal init of direct slots (peft's nn.Embedding default is 1)."""
 
     method: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = 20
-    projection: bool = False
-    encoder_hidden_size: int | None = None
-    position_offset: bool = True
-    init_std: float = 1.0
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "key/value slots per layer", "cli": "prefix_length", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    projection: bool = field(default=False, metadata={
+        "help": "train through peft's MLP reparameterisation (folded into plain slots when saved); it wants a "
+        "far lower learning rate than the slots alone", "cli": "projection"})
+    encoder_hidden_size: int | None = field(default=None, metadata={"help": "inner size of the projection MLP"})
+    position_offset: bool = field(default=True, metadata={"help": "input positions start after the slots"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the normal init of direct slots"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
@@ -57,6 +63,7 @@ class PTuningV2Config(PrefixConfig):
     """P-tuning v2: deep prompts on every layer, no reparameterisation; the task head reads [CLS]."""
 
     method: ClassVar[str] = "ptuning2"
+    projection: bool = field(default=False, metadata={"help": "always False: P-tuning v2 has no reparameterisation"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

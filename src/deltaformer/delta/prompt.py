@@ -10,7 +10,7 @@ Files use peft's format (``prompt_embeddings``). Cannot merge: the soft tokens l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,12 +35,16 @@ class PromptConfig(DeltaConfig):
     ``tokenizer``: path or asset name of the tokenizer for the text inits."""
 
     method: ClassVar[str] = "prompt"
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_text: str | tuple[str, ...] | None = None
-    tokenizer: str | None = None
-    init_std: float = 1.0
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "soft tokens prepended", "cli": "num_virtual_tokens", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    init: str = field(default="vocab", metadata={"help": "random, vocab, text or words"})
+    init_text: str | tuple[str, ...] | None = field(default=None, metadata={"help": "text (or label words) to init from"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (path or asset) of the text inits"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the random init"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:

@@ -9,7 +9,7 @@ per sample; no Python loop over samples. Our own file format (``DELTAFORMER_PTUN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,13 +31,18 @@ class PTuningConfig(DeltaConfig):
     prepend, else the token id whose embeddings the soft tokens replace."""
 
     method: ClassVar[str] = "ptuning"
-    num_virtual_tokens: int = 20
-    encoder: str = "mlp"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-    placeholder_id: int | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "soft tokens the prompt encoder produces", "cli": "num_virtual_tokens", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    encoder: str = field(default="mlp", metadata={"help": "prompt encoder: mlp or lstm"})
+    encoder_hidden_size: int | None = field(default=None, metadata={"help": "inner size of the encoder"})
+    encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers"})
+    encoder_dropout: float = field(default=0.0, metadata={"help": "dropout between LSTM layers"})
+    placeholder_id: int | None = field(default=None, metadata={
+        "help": "token id whose embeddings the soft tokens replace (None: prepend)"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.encoder not in ("mlp", "lstm"):
