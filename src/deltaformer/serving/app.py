@@ -29,6 +29,7 @@ from .schemas import (
     completion,
     completion_chunk,
     new_id,
+    parse_body,
     parse_request,
     usage_chunk,
 )
@@ -131,7 +132,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/deltas", status_code=201)
     async def add_delta(request: Request) -> dict[str, Any]:
         _need_key(settings.api_key)
-        body = parse_request(await read_body(request, settings.max_body_bytes), AddDelta)
+        body = parse_body(await read_body(request, settings.max_body_bytes), AddDelta)
         loaded = await service.scheduler.call(lambda: service.registry.add(body.name, body.path))
         return {"id": service.registry.public_name(loaded.name), "object": "model", "method": loaded.method}
 

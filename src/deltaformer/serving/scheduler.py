@@ -27,11 +27,11 @@ from typing import Any
 from torch import nn
 
 from .. import delta
-from ..generation import DecodeState, GenerationConfig
+from ..errors import DeltaformerError
+from ..generation import DecodeState, GenerationConfig, IncrementalText
 from .errors import ApiError
 from .registry import DeltaRegistry
 from .settings import ServeConfig
-from .text import TextStream
 
 log = logging.getLogger("deltaformer.serving")
 
@@ -57,7 +57,7 @@ class Sequence:
     delta: str | None
     stops: list[str]
     deliver: Callable[[Event], None]
-    stream: TextStream | None = None
+    stream: IncrementalText | None = None
     row: int | None = None
     tokens: int = 0
     cancelled: bool = False
@@ -83,6 +83,7 @@ class Scheduler:
         self.failure: str | None = None
         self.steps = 0
         self.generated = 0
+        self.joining: list[Sequence] = []  # being prefilled: not yet in ``live``, their row ids not yet known
         self.state = DecodeState(model, capacity=settings.max_batch, max_length=max_length, tokenizer=tokenizer,
                                  forward_context=self._route)
         self.thread = threading.Thread(target=self._loop, name="deltaformer-decode", daemon=True)
@@ -111,7 +112,7 @@ class Scheduler:
             if len(sequences) > self.settings.max_batch + self.settings.max_queue:
                 raise ApiError(400, "more prompts than the server holds at once: send fewer", param="prompt")
             for seq in sequences:
-                seq.stream = TextStream(self.tokenizer, seq.stops)
+                seq.stream = IncrementalText(self.tokenizer, seq.stops)
                 self.waiting.append(seq)
             self.lock.notify_all()
 
@@ -181,58 +182,51 @@ class Scheduler:
                 self.live.pop(s.row, None)  # type: ignore[arg-type]
                 s.done = True
 
-    def _admit(self) -> None:
-        """Prefill as many waiting sequences as there are free slots, in one batched forward."""
+    def _admit(self, most: int | None = None) -> None:
+        """Prefill as many waiting sequences as there are free slots (or ``most``), in one batched forward.
+        If that fails, they are retried one at a time, so only the sequence that cannot run fails."""
         with self.lock:
             free = self.settings.max_batch - len(self.live)
-            batch = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            batch = [self.waiting.popleft() for _ in range(min(free, most or free, len(self.waiting)))]
         if not batch:
             return
+        self.joining = batch
         try:
-            rows = self.state.add([s.prompt for s in batch], [s.config for s in batch],
-                                  tags=[s.delta for s in batch])
+            rows = self.state.add([s.prompt for s in batch], [s.config for s in batch])
         except Exception as exc:
-            if len(batch) == 1:  # the one bad sequence fails alone
-                log.exception("prefill failed")
-                self._finish(batch[0], "error", ApiError(500, f"prefill failed: {type(exc).__name__}: {exc}"))
+            self.joining = []
+            if len(batch) > 1:
+                with self.lock:
+                    self.waiting.extendleft(reversed(batch))
+                for _ in batch:
+                    self._admit(most=1)
                 return
-            with self.lock:  # find the culprit: admit them one by one
-                self.waiting.extendleft(reversed(batch))
-            for _ in batch:
-                self._admit_one()
+            status = 400 if isinstance(exc, DeltaformerError) else 500
+            if status == 500:
+                log.exception("prefill failed")
+            self._finish(batch[0], "error", ApiError(status, f"cannot start this sequence: {exc}"))
             return
+        finally:
+            self.joining = []
         with self.lock:
             for seq, row in zip(batch, rows):
                 seq.row = row
                 self.live[row] = seq
 
-    def _admit_one(self) -> None:
-        saved, self.settings.max_batch = self.settings.max_batch, len(self.live) + 1
-        try:
-            self._admit()
-        finally:
-            self.settings.max_batch = saved
-
     def _step(self) -> None:
         events = self.state.step()
         self.steps += 1
-        finished = []
-        for row, token, reason in events:
-            seq = self.live.get(row)
+        for event in events:
+            seq = self.live.get(event.row)
             if seq is None or seq.done:
                 continue
             seq.tokens += 1
             self.generated += 1
-            piece = seq.stream.push(token)  # type: ignore[union-attr]
+            piece = seq.stream.push(event.token)  # type: ignore[union-attr]
             if piece:
                 seq.deliver(Event(seq.index, text=piece))
-            if seq.stream.stopped and reason is None:  # type: ignore[union-attr]
-                reason = "stop"
-                finished.append(row)
-            if reason is not None:
-                self._finish(seq, reason)
-        if finished:
-            self.state.remove(finished)
+            if event.finished is not None:
+                self._finish(seq, event.finished)
 
     def _finish(self, seq: Sequence, reason: str, error: ApiError | None = None) -> None:
         if seq.done:
@@ -242,7 +236,7 @@ class Scheduler:
             if seq.row is not None:
                 self.live.pop(seq.row, None)
         if error is None:
-            tail = seq.stream.finish() if seq.stream is not None else ""
+            tail = seq.stream.flush() if seq.stream is not None else ""
             if tail:
                 seq.deliver(Event(seq.index, text=tail))
         seq.deliver(Event(seq.index, reason=reason, completion_tokens=seq.tokens, error=error))
@@ -259,10 +253,13 @@ class Scheduler:
                 self._finish(seq, "error", error)
 
     @contextlib.contextmanager
-    def _route(self, tags: list[str | None]) -> Iterator[None]:
-        """Each row of the next forward gets its sequence's delta (the row's tag; None = the bare model)."""
+    def _route(self, rows: list[int]) -> Iterator[None]:
+        """Each row of the next forward gets its sequence's delta (None = the bare model). A prefill's rows
+        are the joining sequences, in the order they were added."""
         if not delta.deltas(self.model):
             yield
             return
-        with delta.route(self.model, tags):
+        joining = iter(self.joining)
+        names = [self.live[r].delta if r in self.live else next(joining).delta for r in rows]
+        with delta.route(self.model, names):
             yield

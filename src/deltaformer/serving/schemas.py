@@ -126,23 +126,20 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+def parse_body(raw: bytes, kind: type[StrictModel]) -> Any:
+    """A validated ``kind`` from the body bytes; malformed JSON and every bad field is a 400 naming it."""
+    return _validate(_json_object(raw), kind)
+
+
 def parse_request(raw: bytes, kind: type[_Sampling]) -> Any:
-    """A validated request from the body bytes; every problem is a 400 naming the field."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}): "
-                       "send a JSON object", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"the request body is a JSON {type(data).__name__}, not an object: send an object")
+    """A validated generation request: :func:`parse_body` plus the OpenAI options this server cannot honour
+    (each a 400 that says so, never silently ignored)."""
+    data = _json_object(raw)
     for name, why in UNSUPPORTED.items():
         value = data.pop(name, None)
         if not _unset(value) and not (name == "best_of" and value == 1 and not isinstance(value, bool)):
             raise ApiError(400, f"{name}: {why}; drop the field", param=name, code="unsupported_parameter")
-    try:
-        request = kind.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    request = _validate(data, kind)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(request, name):
             raise ApiError(400, f"{name} is not supported (use repetition_penalty): drop it or send 0",
@@ -151,6 +148,24 @@ def parse_request(raw: bytes, kind: type[_Sampling]) -> Any:
         raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n",
                        code="unsupported_parameter")
     return request
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc}): send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body is a JSON {type(data).__name__}, not an object: send an object")
+    return data
+
+
+def _validate(data: dict[str, Any], kind: type[StrictModel]) -> Any:
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
 
 
 def _unset(value: Any) -> bool:

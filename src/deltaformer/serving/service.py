@@ -110,14 +110,15 @@ class Service:
 
     def _config(self, request: CompletionRequest | ChatRequest, max_new_tokens: int) -> GenerationConfig:
         temperature = 1.0 if request.temperature is None else request.temperature
-        seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
+        # OpenAI's seed is any integer; a row generator takes 0..2**63-1 (the same seed, the same tokens)
+        seed = request.seed % 2**63 if request.seed is not None else self.seeds.getrandbits(63)
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
             top_k=request.top_k or 0,
             top_p=1.0 if request.top_p is None else request.top_p,
-            min_p=request.min_p or 0.0,
+            min_p=request.min_p or None,
             repetition_penalty=request.repetition_penalty or 1.0,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
