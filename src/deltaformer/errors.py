@@ -18,3 +18,7 @@ class CheckpointError(DeltaformerError):
 
 class InputError(DeltaformerError, ValueError):
     """Model inputs are malformed (too long, wrong shape, out-of-range ids)."""
+
+
+class PromptError(DeltaformerError, ValueError):
+    """A prompt template, verbalizer, demonstration set or instruction file cannot be used as given."""

@@ -2,6 +2,9 @@
 
 Works under ``torchrun --nproc_per_node N -m deltaformer.cli.main finetune ...`` too (data parallel; the
 batch size is per process).
+
+Prompt-based training (PET): ``--task T --few-shot N --template ... --verbalizer ...``; instruction tuning:
+``--instructions FILE|builtin[:-TASK]`` (loss on the assistant's tokens only).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_method_args(p)
     add_training_args(p)
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    add_prompt_training_args(p)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -46,6 +50,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=sorted(TASKS), help="built-in task with fixed 80/10/10 splits")
     src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl)")
+    src.add_argument("--instructions", metavar="FILE|builtin[:-TASK]",
+                     help="instruction tuning: a JSONL file (instruction/input/output or chat messages per line), or "
+                     "the built-in multitask mixture, optionally without a task (builtin:-rt-polarity)")
     g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
     g.add_argument("--test", type=Path, help="test file, scored at the end")
     g.add_argument("--text-field", default="text", help="column/key of the text")
@@ -100,6 +107,24 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it or --resume, an existing run is refused)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_prompt_training_args(p: argparse.ArgumentParser) -> None:
+    from .prompt_args import add_template_args
+
+    add_template_args(p)
+    g = p.add_argument_group("prompt-based fine-tuning (PET) and instruction tuning")
+    g.add_argument("--few-shot", type=int, default=None, help="PET: train on N labelled examples of --task")
+    g.add_argument("--validation-size", type=int, default=0, help="PET: validation examples (0: none, train "
+                   "for the full schedule)")
+    g.add_argument("--distill", type=int, default=0, metavar="N",
+                   help="PET: label N unlabelled training texts with the ensemble and train a classifier on them")
+    g.add_argument("--test-limit", type=int, default=None, help="score only the first N test examples")
+    g.add_argument("--per-task", type=int, default=200,
+                   help="built-in instruction mixture: examples per task (each phrased by a random template)")
+    g.add_argument("--no-packing", action="store_true", help="instruction tuning: one example per sequence")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="instruction file: skip (and count) broken lines instead of stopping")
 
 
 def method_from_args(args: argparse.Namespace) -> MethodSpec:
@@ -159,6 +184,10 @@ def print_summary(results: dict, out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train.distributed import init_distributed
 
+    if args.instructions or args.few_shot or args.template:
+        from .prompt_finetune import run_prompt_finetune
+
+        return run_prompt_finetune(args)
     results = finetune(spec_from_args(args))
     if init_distributed(args.device).is_main:
         print_summary(results, args.out)

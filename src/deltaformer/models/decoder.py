@@ -38,6 +38,15 @@ class DecoderOutput(EncoderOutput):
     attention_mask: Tensor | None = None
 
 
+@dataclass
+class CausalLMOutput(HeadOutput):
+    """A causal LM's output; ``attention_mask`` is the mask over every cached position ([B, cache.length]
+    after this forward), longer than the caller's when a prompt delta prepended soft tokens on the prefill:
+    the next decoding step's mask extends this one."""
+
+    attention_mask: Tensor | None = None
+
+
 def positions_from_mask(attention_mask: Tensor | None, past: int, seq: int, batch: int,
                         device: torch.device) -> Tensor:
     """(B, seq) position ids of the new tokens: ``cumsum(mask) - 1`` over past + new (padding gets 1, as in
@@ -236,7 +245,7 @@ class DecoderForCausalLM(DecoderTaskModel):
         output_attentions: bool = False,
         inputs_embeds: Tensor | None = None,
         last_only: bool = False,
-    ) -> HeadOutput:
+    ) -> CausalLMOutput:
         """``labels``: (B, T) token ids, ``-100`` where no loss is wanted; shifted inside (as HF).
         ``last_only``: logits of the last position alone, (B, 1, V): all a decoding step needs."""
         out = self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds,
@@ -250,7 +259,8 @@ class DecoderForCausalLM(DecoderTaskModel):
             if labels.shape[1] != logits.shape[1]:  # soft prompt tokens were prepended: they predict nothing
                 labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
             loss = causal_lm_loss(logits, labels)
-        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                              attention_mask=out.attention_mask)
 
 
 def last_token_index(input_ids: Tensor | None, attention_mask: Tensor | None, pad_token_id: int | None,
