@@ -174,11 +174,20 @@ def train_pet(spec: PetSpec) -> dict[str, Any]:
 
 
 def save_prompt_weights(model: PromptModel, method: MethodSpec, out: Path) -> None:
-    """Each attached delta under ``out/deltas/<name>``; the whole LM under ``out/model`` for full training."""
-    if method.name == "full":
-        model.lm.save_pretrained(out / "model")
-    for name in delta.deltas(model.lm):
+    """Each attached delta under ``out/deltas/<name>``; for full training also the whole LM under ``out/model``
+    (saved without the deltas, which are unloaded for the save and loaded back from their files)."""
+    names = list(delta.deltas(model.lm))
+    for name in names:
         delta.save_delta(model.lm, out / "deltas" / name, name)
+    if method.name == "full":
+        if names:
+            delta.unload(model.lm)
+        model.lm.save_pretrained(out / "model")
+        model.pvps[0].renderer.tokenizer.save_pretrained(out / "model")
+        for name in names:
+            delta.load_delta(model.lm, out / "deltas" / name, name)
+        if names:
+            delta.set_active(model.lm, ())
 
 
 def load_prompt_run(directory: str | Path, device: Any = None) -> tuple[PromptModel, dict[str, Any]]:
