@@ -78,6 +78,7 @@ def train(model: torch.nn.Module, data: list, collate, args: argparse.Namespace,
 @torch.no_grad()
 def generate(model, tokenizer, data: list, collate, args: argparse.Namespace, device: torch.device) -> list[str]:
     """Headlines for ``data`` in order: greedy or beam search, special tokens dropped."""
+    from deltaformer.generation import generate as decode
     from deltaformer.train.evaluation import autocast, move
 
     model.eval()
@@ -85,8 +86,9 @@ def generate(model, tokenizer, data: list, collate, args: argparse.Namespace, de
     for start in range(0, len(data), args.eval_batch_size):
         batch = move(collate(data[start:start + args.eval_batch_size]), device)
         with autocast(device, args.bf16):
-            ids = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("global_attention_mask"),
-                                 max_new_tokens=args.max_target_length, num_beams=args.beams)
+            ids = decode(model, batch["input_ids"], batch["attention_mask"],
+                         global_attention_mask=batch.get("global_attention_mask"),
+                         max_new_tokens=args.max_target_length, num_beams=args.beams)
         texts += tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)
     return texts
 

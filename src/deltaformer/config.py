@@ -386,3 +386,140 @@ class LEDConfig(ModelConfig):
 def load_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` from a model directory (or the file itself) into the right config class."""
     return ModelConfig.from_file(path)
+
+
+#: Keys each scaling kind needs in ``rope_scaling``.
+SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def scaling_kind(scaling: dict[str, Any] | None) -> str:
+    """The kind a ``rope_scaling`` dict names (``rope_type``, or the older ``type``), checked."""
+    if not scaling:
+        return "default"
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in SCALING_KEYS:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported: use one of {', '.join(SCALING_KEYS)}")
+    missing = [k for k in SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {kind!r} lacks {', '.join(missing)}: add them to config.json")
+    if kind != "default" and not float(scaling["factor"]) > 0:
+        raise ConfigError(f"rope_scaling factor must be above 0, got {scaling['factor']!r}")
+    return kind
+
+
+#: ModelConfig fields a GPT2Config derives from Hugging Face's GPT-2 names, and never writes out.
+_GPT2_ALIASES = {
+    "hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+    "hidden_act": "activation_function", "max_position_embeddings": "n_positions",
+}
+
+
+@dataclass
+class GPT2Config(ModelConfig):
+    """GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm decoder blocks, head tied to the token
+    embeddings; under Hugging Face's field names (``n_embd``, ``n_layer``, ...), the shared ModelConfig
+    fields derived from them."""
+
+    model_type: ClassVar[str] = "gpt2"
+    derived: ClassVar[frozenset[str]] = frozenset({*_GPT2_ALIASES, "intermediate_size"})
+
+    vocab_size: int = at_least(50257, 1, help="tokens in the vocabulary")
+    n_positions: int = at_least(1024, 1, help="longest sequence (learned position embeddings)")
+    n_embd: int = at_least(768, 1, help="hidden size")
+    n_layer: int = at_least(12, 1, help="decoder blocks")
+    n_head: int = at_least(12, 1, help="attention heads")
+    n_inner: int | None = at_least(None, 1, help="MLP width; null means 4 * n_embd")
+    activation_function: str = field(default="gelu_new", metadata={"help": "MLP activation (HF name)"})
+    resid_pdrop: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "dropout on each block's outputs"})
+    embd_pdrop: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "dropout on the embeddings"})
+    attn_pdrop: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "dropout on attention weights"})
+    layer_norm_epsilon: float = field(default=1e-5, metadata={"above": 0, "help": "LayerNorm epsilon"})
+    scale_attn_weights: bool = field(default=True, metadata={"help": "divide scores by sqrt(head_dim)"})
+    scale_attn_by_inverse_layer_idx: bool = field(
+        default=False, metadata={"help": "also divide layer i's scores by i + 1"})
+    reorder_and_upcast_attn: bool = field(
+        default=False, metadata={"help": "HF computes scores in fp32 (same result in fp32 runs)"})
+    bos_token_id: int | None = at_least(50256, 0, help="beginning-of-text token")
+    eos_token_id: int | list[int] | None = at_least(50256, 0, help="end-of-text token(s): generation stops there")
+    pad_token_id: int | None = at_least(None, 0, help="padding token; null: none (GPT-2 has none)")
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "LM head shares the token embeddings"})
+
+    def __post_init__(self) -> None:
+        for ours, theirs in _GPT2_ALIASES.items():
+            setattr(self, ours, getattr(self, theirs))
+        self.intermediate_size = self.n_inner or 4 * self.n_embd
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for alias in self.derived:
+            data.pop(alias)
+        return data
+
+
+@dataclass
+class LlamaConfig(ModelConfig):
+    """The Llama family (Llama 2/3, SmolLM, TinyLlama, ...): RoPE, RMSNorm, SwiGLU MLP, grouped-query
+    attention, tied or untied head; under Hugging Face's field names.
+
+    ``rope_scaling`` is one of the kinds :mod:`deltaformer.nn.rope` implements. Newer ``transformers`` writes
+    ``rope_parameters`` (theta and scaling in one dict): it is read into ``rope_theta`` / ``rope_scaling``, and
+    written back in the older form, which every ``transformers`` version reads.
+    """
+
+    model_type: ClassVar[str] = "llama"
+
+    vocab_size: int = at_least(32000, 1, help="tokens in the vocabulary")
+    hidden_size: int = at_least(4096, 1, help="hidden size")
+    intermediate_size: int = at_least(11008, 1, help="SwiGLU MLP width")
+    num_hidden_layers: int = at_least(32, 1, help="decoder blocks")
+    num_attention_heads: int = at_least(32, 1, help="query heads")
+    num_key_value_heads: int | None = at_least(None, 1, help="key/value heads (grouped-query attention); "
+                                               "null: as many as query heads")
+    head_dim: int | None = at_least(None, 1, help="width of a head; null: hidden_size / num_attention_heads")
+    hidden_act: str = field(default="silu", metadata={"help": "gate activation (silu: SwiGLU)"})
+    max_position_embeddings: int = at_least(2048, 1, help="context window")
+    rms_norm_eps: float = field(default=1e-6, metadata={"above": 0, "help": "RMSNorm epsilon"})
+    rope_theta: float = field(default=10000.0, metadata={"above": 0, "help": "RoPE base wavelength"})
+    rope_scaling: dict[str, Any] | None = field(
+        default=None, metadata={"help": "RoPE frequency scaling: rope_type linear, dynamic or llama3 and its keys"})
+    attention_bias: bool = field(default=False, metadata={"help": "biases on the q/k/v/o projections"})
+    attention_dropout: float = field(default=0.0, metadata={"min": 0, "max": 1, "help": "dropout on attention weights"})
+    mlp_bias: bool = field(default=False, metadata={"help": "biases on the MLP projections"})
+    pretraining_tp: int | None = at_least(1, 1, help="HF bookkeeping (tensor-parallel slices); no effect on math")
+    bos_token_id: int | None = at_least(1, 0, help="beginning-of-sequence token")
+    eos_token_id: int | list[int] | None = at_least(2, 0, help="end-of-sequence token(s): generation stops there")
+    pad_token_id: int | None = at_least(None, 0, help="padding token; null: none")
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "LM head shares the token embeddings"})
+
+    def __post_init__(self) -> None:
+        params = self.extra.get("rope_parameters")
+        if isinstance(params, dict):
+            self.extra = {k: v for k, v in self.extra.items() if k != "rope_parameters"}
+            params = dict(params)
+            self.rope_theta = float(params.pop("rope_theta", self.rope_theta))
+            kind = params.get("rope_type", params.get("type", "default"))
+            self.rope_scaling = params if kind != "default" else None
+        if isinstance(self.rope_theta, int) and not isinstance(self.rope_theta, bool):
+            self.rope_theta = float(self.rope_theta)
+        super().__post_init__()
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}: each key/value head serves a "
+                              "whole group of query heads")
+        scaling_kind(self.rope_scaling)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["rope_scaling"] is None:
+            data.pop("rope_scaling")
+        return data

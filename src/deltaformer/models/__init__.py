@@ -8,6 +8,8 @@ from .bert import (
     BertForTokenClassification,
     BertModel,
 )
+from .gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from .llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 __all__ = [
     "BertForMaskedLM",
@@ -16,6 +18,12 @@ __all__ = [
     "BertForTokenClassification",
     "BertModel",
     "EncoderOutput",
+    "GPT2ForSequenceClassification",
+    "GPT2LMHeadModel",
+    "GPT2Model",
     "HeadOutput",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
     "PreTrainedModel",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import load_config
 from ..errors import ConfigError
-from . import bert, led, longformer  # noqa: F401  (imported to register every architecture)
+from . import bert, gpt2, led, llama, longformer  # noqa: F401  (imported to register every architecture)
 from .base import PreTrainedModel, resolve_path
 
 

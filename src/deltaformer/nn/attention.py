@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .kv_cache import CacheLayer
 from .linear import PLAIN_LINEARS, Linear, linear
 from .patterns import ExtraKV, Full, Pattern
 
@@ -47,6 +48,8 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.pattern = pattern or Full()
         self.prefix: nn.Module | None = None
+        #: Score scale; None is 1/sqrt(head_dim) (GPT-2 configs may turn scaling off or divide by the layer).
+        self.scale: float | None = None
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(B, S, n_heads * D) -> (B, n_heads, S, D)."""
@@ -60,7 +63,7 @@ class SelfAttention(nn.Module):
         *,
         need_weights: bool = False,
         rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-        cache: KVCache | None = None,
+        cache: CacheLayer | None = None,
         queries: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``x``: (B, S, dim); ``key_mask``: (B, S_total) bool, True = real token. Returns output and weights.
@@ -82,7 +85,7 @@ class SelfAttention(nn.Module):
         extra: ExtraKV | None = self.prefix(x.shape[0]) if self.prefix is not None else None
         out, weights = self.pattern.attend(
             q, k, v, key_mask=key_mask, extra=extra, need_weights=need_weights,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )
         batch, _, seq, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(batch, seq, -1)), weights
@@ -120,7 +123,8 @@ def _identity(y: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of earlier positions for incremental decoding, one per attention layer."""
+    """Keys and values of earlier positions, grown by concatenation (LED's search); decoder LMs use the
+    preallocated :class:`deltaformer.nn.kv_cache.KVCache`."""
 
     def __init__(self) -> None:
         self.key: Tensor | None = None

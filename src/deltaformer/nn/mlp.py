@@ -54,3 +54,22 @@ class FeedForward(nn.Module):
         if self.act_inplace is not None and not torch.is_grad_enabled():
             return self.down(self.act_inplace(hidden))
         return self.down(self.act(hidden))
+
+
+class GatedFeedForward(nn.Module):
+    """``down(act(gate(x)) * up(x))``: the gated MLP of Llama (SwiGLU with ``act="silu"``; Shazeer 2020)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate = Linear(dim, hidden, bias=bias)
+        self.up = Linear(dim, hidden, bias=bias)
+        self.down = Linear(hidden, dim, bias=bias)
+        self.act_name = act
+        self.act = activation(act)
+        self.act_inplace = INPLACE_ACTIVATIONS.get(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate(x)
+        if self.act_inplace is not None and not torch.is_grad_enabled():
+            return self.down(self.act_inplace(gate).mul_(self.up(x)))
+        return self.down(self.act(gate) * self.up(x))

@@ -122,6 +122,15 @@ class Causal(Pattern):
         q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         return torch.arange(k_len, device=device)[None, :] <= q_pos
 
+    def _mask(self, q_len: int, k_len: int, slots: int, key_mask: Tensor | None, device: torch.device):
+        """As the base, but a query that may see no key at all (a left-padding position, which sees only
+        earlier padding) sees every key instead: its output is never read, and a fully masked row would
+        otherwise leave the fast kernels to return zeros on one device and NaN on another."""
+        mask = super()._mask(q_len, k_len, slots, key_mask, device)
+        if key_mask is None or mask is None:
+            return mask
+        return mask | ~mask.any(-1, keepdim=True)
+
 
 def dense_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0, scale: float | None = None

@@ -1,0 +1,308 @@
+"""What GPT-2 and the Llama family share: the decoder forward with a KV cache, positions from the padding
+mask, the causal-LM head and loss, and the last-token classification head.
+
+A decoder backbone is a stack of pre-norm blocks; a subclass says how tokens become the first hidden state
+(:meth:`DecoderModel.embed`: GPT-2 adds learned positions, Llama adds nothing) and whether queries and keys
+are rotated (:meth:`DecoderModel.rotation`: RoPE for Llama). Everything else is here once.
+
+Padding may be on either side. Positions come from the mask as in Hugging Face's ``generate``
+(``cumsum(mask) - 1``), so a left-padded prompt has the positions it has alone, and the cache's positions
+continue from them; an explicit ``position_ids`` overrides that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints.names import NameMap
+from ..errors import InputError
+from ..nn.attention import SelfAttention
+from ..nn.dropout import Dropout
+from ..nn.kv_cache import CacheLayer, KVCache
+from ..nn.linear import Linear
+from ..nn.rope import Rotation
+from .base import EncoderOutput, HeadOutput, PreTrainedModel
+from .bert import check_token_ids, classification_loss, key_mask_from
+
+
+@dataclass
+class DecoderOutput(EncoderOutput):
+    """A backbone's output; ``attention_mask`` is the mask the layers saw (longer than the input's when a
+    prompt delta prepended soft tokens), so heads can find each sequence's last real token."""
+
+    attention_mask: Tensor | None = None
+
+
+def positions_from_mask(attention_mask: Tensor | None, past: int, seq: int, batch: int,
+                        device: torch.device) -> Tensor:
+    """(B, seq) position ids of the new tokens: ``cumsum(mask) - 1`` over past + new (padding gets 1, as in
+    HF's ``generate``), or ``past .. past + seq - 1`` without a mask."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device).expand(batch, seq)
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -seq:]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; ``-100`` is ignored (padding,
+    prompt tokens). Computed in fp32, as Hugging Face does, whatever the logits' dtype."""
+    if labels.shape != logits.shape[:2]:
+        raise InputError(f"labels of shape {tuple(labels.shape)} do not match the input's {tuple(logits.shape[:2])}:"
+                         " pass one label per input token (the model shifts them)")
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+
+class DecoderModel(PreTrainedModel):
+    """A decoder-only backbone: ``tokens`` embedding, ``layers`` (each ``layer(x, key_mask, rotary, cache,
+    need_weights) -> (x, weights)``), a final ``norm``.
+
+    ``prompt`` is the input hook deltas install (prompt tuning, P-tuning, prefix positions), as on BERT; it
+    runs on the first forward of a sequence only (not on decoding steps that extend a cache).
+    """
+
+    #: Subclasses name their HF backbone prefix and set ``embeddings`` (with ``.tokens``), ``layers``, ``norm``.
+    embeddings: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.prompt: nn.Module | None = None
+
+    def embed(self, inputs_embeds: Tensor, position_ids: Tensor) -> Tensor:
+        """The first hidden state from token embeddings and positions."""
+        raise NotImplementedError
+
+    def rotation(self, position_ids: Tensor, dtype: torch.dtype) -> Rotation | None:
+        """The query/key rotation of these positions (RoPE), or None for models without one."""
+        return None
+
+    def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` positions (prompt + new)."""
+        weight = self.embeddings.tokens.weight
+        attn = self.layers[0].attn
+        return KVCache(len(self.layers), batch, max_length, attn.n_kv_heads, attn.head_dim,
+                       dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DecoderOutput:
+        """``attention_mask``: (B, past + new), 1 = real token. ``cache`` is extended in place.
+
+        ``hidden_states`` (when asked for) are HF's: the embeddings, each block's output, the last one after
+        the final norm.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.embeddings.tokens.num_embeddings)
+            inputs_embeds = self.embeddings.tokens(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        past = cache.length if cache is not None else 0
+        if cache is not None and cache.batch != batch:
+            raise InputError(f"the cache holds {cache.batch} sequences but the input has {batch}: make it with "
+                             "model.new_cache(batch, max_length), or reorder it to this batch")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + seq)}"
+                             " (cached + new positions, 1 for real tokens)")
+        if self.prompt is not None and past == 0:
+            mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, seq, dtype=torch.long)
+            types = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
+            prompted = self.prompt(input_ids, inputs_embeds, mask, types)
+            inputs_embeds, attention_mask = prompted[0], prompted[1]
+            if position_ids is None and len(prompted) > 3 and prompted[3] is not None:
+                position_ids = prompted[3]
+            seq = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, seq, batch, inputs_embeds.device)
+        key_mask = key_mask_from(attention_mask) if attention_mask is not None else None
+        x = self.embed(inputs_embeds, position_ids)
+        rotary = self.rotation(position_ids, x.dtype)
+        hidden_states: list[Tensor] = [x] if output_hidden_states else []
+        attentions: list[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x, weights = layer(x, key_mask, rotary, cache.layer(i) if cache is not None else None,
+                               need_weights=output_attentions)
+            if output_hidden_states and i < len(self.layers) - 1:
+                hidden_states.append(x)
+            if weights is not None:
+                attentions.append(weights)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return DecoderOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            attention_mask=attention_mask,
+        )
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``."""
+
+    def __init__(self, attn: SelfAttention, attn_norm: nn.Module, mlp: nn.Module, mlp_norm: nn.Module,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, rotary: Rotation | None, cache: CacheLayer | None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        attended, weights = self.attn(self.attn_norm(x), key_mask, need_weights=need_weights, rotary=rotary,
+                                      cache=cache)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.mlp(self.mlp_norm(x))), weights
+
+
+class TokenEmbeddings(nn.Module):
+    """The token table (``embeddings.tokens``, where input-side deltas look for it)."""
+
+    def __init__(self, vocab_size: int, dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
+
+
+class DecoderTaskModel(PreTrainedModel):
+    """A decoder backbone (``self.backbone``) under a head; subclasses set ``backbone_class``."""
+
+    backbone_class: ClassVar[type[DecoderModel]]
+    head_rules: ClassVar[list[tuple[str, str]]] = []
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.backbone = self.backbone_class(config)
+
+    @classmethod
+    def backbone_name_map(cls) -> NameMap:
+        return cls.backbone_class.backbone_name_map()
+
+    @classmethod
+    def name_map(cls) -> NameMap:
+        prefix = cls.hf_backbone_prefix
+        return NameMap(cls.head_rules) + cls.backbone_name_map().prefixed(prefix, "backbone.")
+
+    def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_length`` positions (prompt + new tokens)."""
+        return self.backbone.new_cache(batch, max_length, dtype, device)
+
+    def _init_head(self, *modules: nn.Module) -> None:
+        for module in modules:
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class DecoderForCausalLM(DecoderTaskModel):
+    """Next-token logits over the vocabulary; the head is the token embeddings when they are tied."""
+
+    head_rules = [("lm_head", "lm_head")]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.tokens.weight
+        else:
+            self._init_head(self.lm_head)
+
+    def tied_parameters(self) -> set[str]:
+        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
+    ) -> HeadOutput:
+        """``labels``: (B, T) token ids, ``-100`` where no loss is wanted; shifted inside (as HF).
+        ``last_only``: logits of the last position alone, (B, 1, V): all a decoding step needs."""
+        out = self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if last_only:
+                raise InputError("labels need the logits of every position: call without last_only")
+            if labels.shape[1] != logits.shape[1]:  # soft prompt tokens were prepended: they predict nothing
+                labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
+            loss = causal_lm_loss(logits, labels)
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def last_token_index(input_ids: Tensor | None, attention_mask: Tensor | None, pad_token_id: int | None,
+                     batch: int, seq: int, device: torch.device) -> Tensor:
+    """Per row, the position of the last real token: HF's rule (the rightmost id that is not ``pad_token_id``,
+    so both padding sides work); without a pad id, the rightmost 1 of the attention mask; a single
+    unpadded row, its last position."""
+    positions = torch.arange(seq, device=device, dtype=torch.int32)
+    if pad_token_id is not None and input_ids is not None:
+        return (positions * (input_ids != pad_token_id).to(torch.int32)).argmax(-1)
+    if attention_mask is not None:
+        return (positions * attention_mask[:, -seq:].to(device=device, dtype=torch.int32)).argmax(-1)
+    if batch != 1:
+        raise InputError("a batch of several sequences needs pad_token_id in the config or an attention_mask "
+                         "to find each sequence's last token")
+    return torch.full((1,), seq - 1, dtype=torch.long, device=device)
+
+
+class DecoderForSequenceClassification(DecoderTaskModel):
+    """A linear ``score`` (no bias, as HF) on the last real token of each sequence."""
+
+    head_rules = [("score", "score")]
+    head_prefixes = ("score.",)
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        dropout = config.extra.get("classifier_dropout")
+        self.dropout = Dropout(dropout or 0.0)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+        self._init_head(self.score)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        inputs_embeds: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> HeadOutput:
+        """``token_type_ids`` is accepted and ignored (collators made for BERT pass it)."""
+        out = self.backbone(input_ids, attention_mask, position_ids, None, inputs_embeds,
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state
+        batch, seq = hidden.shape[:2]
+        if input_ids is not None and input_ids.shape[1] != seq:  # soft tokens prepended: the ids no longer line up
+            input_ids, attention_mask = None, out.attention_mask
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch, seq, hidden.device)
+        pooled = hidden[torch.arange(batch, device=hidden.device), last]
+        logits = self.score(self.dropout(pooled))
+        loss = (classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)
+                if labels is not None else None)
+        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
