@@ -22,7 +22,7 @@ DELTA_NAME = "default"
 #: Methods whose delta only changes existing weights, so it folds into a plain checkpoint.
 MERGEABLE = frozenset({"full", "probe", "bitfit", "lora", "ia3"})
 #: Parameter-name prefixes of the task head, trained by every method.
-HEAD_PREFIXES = ("classifier.",)
+HEAD_PREFIXES = ("classifier.", "score.")  # encoders' and decoders' heads
 
 #: Defaults chosen on rt-polarity with MiniLM: over 3 seeds, LoRA r=16 (alpha 32) on query/value at lr 2e-3
 #: for 3 epochs reached 0.816 test accuracy against 0.809 for full fine-tuning (r=8 at 1e-3: 0.791).
