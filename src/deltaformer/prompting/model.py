@@ -91,6 +91,7 @@ class PromptModel(nn.Module):
         self.pvps = list(pvps)
         self.num_labels = classes.pop()
         self.config = getattr(lm, "config", None)
+        self.train(lm.training)  # a model loaded for scoring stays in eval mode (no dropout)
 
     def collator(self, tokenizer) -> PvpCollator:
         return PvpCollator(tuple(collator_for(p.scorer, tokenizer) for p in self.pvps))
