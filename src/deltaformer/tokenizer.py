@@ -27,7 +27,7 @@ from tokenizers import (
 )
 
 from .chat_template import render_chat_template
-from .checkpoints.gguf import GGUFCheckpoint, find_gguf
+from .checkpoints.gguf import find_gguf, open_gguf
 from .errors import DeltaformerError
 from .gguf_tokenizer import backend_from_metadata
 
@@ -108,7 +108,7 @@ class AutoTokenizer:
         path = _resolve(path_or_asset)
         gguf = find_gguf(path)
         if gguf is not None:
-            checkpoint = GGUFCheckpoint(gguf)
+            checkpoint = open_gguf(gguf)
             backend, roles = backend_from_metadata(checkpoint.metadata, gguf)
             return cls(backend, roles, chat_template=checkpoint.chat_template)
         if path.is_file():

@@ -11,6 +11,7 @@ bytes are read only when it is dequantized.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,6 +193,21 @@ def permute_rotary(weight: Tensor, heads: int) -> Tensor:
     """llama.cpp's row order for a HF rotary projection (the inverse of :func:`unpermute_rotary`)."""
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def open_gguf(path: str | Path) -> GGUFCheckpoint:
+    """A :class:`GGUFCheckpoint`, shared while the file is unchanged: parsing the metadata of a large vocabulary
+    takes seconds, and the tokenizer and the model of one file read it once."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _open_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: Path, mtime_ns: int, size: int) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
 
 
 def find_gguf(path: Path) -> Path | None:

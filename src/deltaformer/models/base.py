@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints.gguf import GGUFCheckpoint, find_gguf
+from ..checkpoints.gguf import find_gguf, open_gguf
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..checkpoints.names import NameMap, normalize_legacy
 from ..config import ModelConfig, load_config
@@ -187,7 +187,7 @@ class PreTrainedModel(nn.Module):
         """
         path = resolve_path(name_or_path)
         gguf = find_gguf(path)
-        checkpoint = GGUFCheckpoint(gguf) if gguf is not None else None
+        checkpoint = open_gguf(gguf) if gguf is not None else None
         config = ModelConfig.from_dict(checkpoint.hf_config()) if checkpoint is not None else load_config(path)
         if not isinstance(config, cls.config_class):
             raise ConfigError(
