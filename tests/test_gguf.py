@@ -157,7 +157,7 @@ def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm_file):
 
     hf = transformers.AutoTokenizer.from_pretrained(smollm_file.parent, gguf_file=smollm_file.name)
     ours = AutoTokenizer.from_pretrained("smollm2-135m")
-    sentences = [ex.text for ex in load_task("rt-polarity").train[:300]]
+    sentences = [ex.text for ex in load_task("rt-polarity").split("train")[:300]]
     sentences[:3] = ["<|im_start|>user\nhi<|im_end|>", "  two  spaces\tand tab\n", "naïve café — 2024's 12345"]
     assert [ours.encode(s) for s in sentences] == [hf.encode(s) for s in sentences]
     assert ours.decode(ours.encode(sentences[5])) == hf.decode(hf.encode(sentences[5]))
@@ -177,14 +177,14 @@ def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm_file):
 def test_smollm2_logits_equal_transformers_gguf_loader(smollm_file):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm_file.parent, gguf_file=smollm_file.name,
-                                                           torch_dtype=torch.float32).eval()
+                                                           dtype=torch.float32).eval()
     ours = LlamaForCausalLM.from_pretrained("smollm2-135m")
     assert ours.num_parameters() == hf.num_parameters() == 134_515_008
     tok = AutoTokenizer.from_pretrained("smollm2-135m")
     batch = tok(["The capital of France is", "a gripping, funny and moving film about two brothers"],
                 padding=True, return_tensors="pt")
     with torch.no_grad():
-        theirs = hf(**batch).logits
-        mine = ours(**batch).logits
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mine = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["attention_mask"].bool()
     assert (theirs[keep] - mine[keep]).abs().max().item() < 1e-4
