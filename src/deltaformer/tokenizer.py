@@ -26,7 +26,10 @@ from tokenizers import (
     trainers,
 )
 
+from .chat_template import render_chat_template
+from .checkpoints.gguf import find_gguf, open_gguf
 from .errors import DeltaformerError
+from .gguf_tokenizer import backend_from_metadata
 
 VERY_LARGE_INTEGER = int(1e30)
 """HF's ``model_max_length`` for "no limit"; kept as is so configs round-trip unchanged."""
@@ -77,8 +80,10 @@ class AutoTokenizer:
         padding_side: str = "right",
         truncation_side: str = "right",
         clean_up_tokenization_spaces: bool = False,
+        chat_template: str | None = None,
     ) -> None:
         self._backend = backend
+        self.chat_template = chat_template
         self._backend.no_truncation()
         self._backend.no_padding()
         self._special = {kind: (special_tokens or {}).get(kind) for kind in SPECIAL_KINDS}
@@ -98,8 +103,14 @@ class AutoTokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_asset: str | Path) -> AutoTokenizer:
-        """Load from an HF model directory, its ``tokenizer.json``/``vocab.txt``, or a deltaformer asset name."""
+        """Load from an HF model directory, its ``tokenizer.json``/``vocab.txt``, a GGUF file (its metadata holds
+        the tokenizer and chat template), or a deltaformer asset name."""
         path = _resolve(path_or_asset)
+        gguf = find_gguf(path)
+        if gguf is not None:
+            checkpoint = open_gguf(gguf)
+            backend, roles = backend_from_metadata(checkpoint.metadata, gguf)
+            return cls(backend, roles, chat_template=checkpoint.chat_template)
         if path.is_file():
             path = path.parent
         if not path.is_dir():
@@ -140,6 +151,7 @@ class AutoTokenizer:
             padding_side=config.get("padding_side", "right"),
             truncation_side=config.get("truncation_side", "right"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            chat_template=_chat_template_of(path, config),
         )
 
     # ---- encoding ------------------------------------------------------------------------------------
@@ -359,6 +371,30 @@ class AutoTokenizer:
     bos_token_id = property(lambda self: self._token_id("bos"))
     eos_token_id = property(lambda self: self._token_id("eos"))
 
+    # ---- chat -----------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        documents: Sequence[dict[str, Any]] | None = None,
+        **template_variables: Any,
+    ) -> str | list[int]:
+        """``conversation`` rendered by the chat template (``transformers``' rendering, see
+        :mod:`deltaformer.chat_template`); token ids unless ``tokenize=False``. The template writes the special
+        tokens itself, so tokenizing adds none, as in HF."""
+        template = chat_template or self.chat_template
+        if not template:
+            raise TokenizerError("this tokenizer has no chat template: pass chat_template=..., or use a model that "
+                                 "ships one (tokenizer_config.json 'chat_template' or GGUF metadata)")
+        specials = {f"{kind}_token": token for kind, token in self._special.items() if token is not None}
+        text = render_chat_template(template, conversation, add_generation_prompt, tools=tools, documents=documents,
+                                    **(specials | template_variables))
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
     # ---- saving --------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -393,6 +429,7 @@ class AutoTokenizer:
             "truncation_side": self.truncation_side,
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             **self.special_tokens_map,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
             "added_tokens_decoder": {
                 str(i): {
                     "content": t.content,
@@ -493,6 +530,18 @@ def _resolve(path_or_asset: str | Path) -> Path:
     except ImportError:
         return path
     return Path(resolve_model_path(str(path_or_asset)))
+
+
+def _chat_template_of(directory: Path, config: dict[str, Any]) -> str | None:
+    """``chat_template.jinja`` (newer ``transformers``) or ``tokenizer_config.json``'s ``chat_template``."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: HF uses the "default" one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def _bert_from_vocab(vocab_file: Path, config: dict[str, Any], specials: dict[str, str | None]) -> Tokenizer:
