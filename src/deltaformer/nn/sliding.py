@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .attention import SelfAttention
-from .banded import banded_attention
+from .banded import banded_attention, window_to_dense
 from .linear import PLAIN_LINEARS, Linear
 from .patterns import ExtraKV, Pattern, dense_attention, expand_kv_heads, join_extra
 
@@ -132,6 +132,34 @@ class SlidingWindow(Pattern):
             out = torch.where(query_ok[:, None, :, None], out, 0)
             weights = torch.where(query_ok[:, None, :, None], weights, 0)
         return out, weights
+
+
+def with_global(allowed: Tensor, global_positions: Sequence[int]) -> Tensor:
+    """A (.., S, S) allowed-cells mask with Longformer's global rule added (Beltagy et al., 2020, fig. 2):
+    a global query sees every key, every query sees the global keys."""
+    out = allowed.clone()
+    index = torch.tensor(list(global_positions), dtype=torch.long, device=allowed.device)
+    out[..., index, :] = True
+    out[..., :, index] = True
+    return out
+
+
+def dense_weights(local: Tensor, global_: Tensor | None, global_positions: Sequence[int], window: int,
+                  dilation: int | Sequence[int]) -> Tensor:
+    """One input's :class:`LongformerSelfAttention` weights unrolled to (H, S, S).
+
+    ``local`` (H, S, G + width): global keys first, then the window offsets (``need_weights``' local part for
+    one input); ``global_`` (H, S, G): what each global query gives each key (the global part, transposed).
+    Global queries' rows come from ``global_``; their local rows are zeros.
+    """
+    slots = len(global_positions)
+    dense = window_to_dense(local[None], window, dilation, slots=slots)[0]  # (H, S, G + S)
+    out = dense[..., slots:].clone()
+    index = torch.tensor(list(global_positions), dtype=torch.long, device=local.device)
+    if slots and global_ is not None:
+        out[..., index] += dense[..., :slots]
+        out[:, index, :] = global_.transpose(1, 2)
+    return out
 
 
 @dataclass
