@@ -15,7 +15,6 @@ the checks by declaring its fields so; nothing else is needed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import types
 import typing
@@ -63,9 +62,14 @@ def check_fields(config: Any, skip: frozenset[str] = frozenset()) -> None:
             raise ConfigError(f"{where} {problem}: fix the value in config.json or where the config is made")
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """A class's resolved annotations, computed once per class."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _has_type(value: Any, expected: Any) -> bool:
@@ -365,6 +369,13 @@ class LEDConfig(ModelConfig):
         for key in ("activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
             if extra.get(key, 0.0):
                 raise ConfigError(f"{key}={extra[key]} is not supported: deltaformer's LED trains without it (set 0)")
+
+    @property
+    def pad_id(self) -> int:
+        """``pad_token_id``, which LED's decoding needs (labels shifted right, ended rows)."""
+        if self.pad_token_id is None:
+            raise ConfigError("LED needs pad_token_id in its config: set it (LED checkpoints use 1)")
+        return self.pad_token_id
 
     def encoder_config(self) -> LongformerConfig:
         """The encoder as a Longformer config (its layers are Longformer layers)."""

@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if args.length is None or args.window is None:
             raise ConfigError("pattern mode needs --length and --window (or pass --model and --text for a heatmap)")
         positions = parse_positions(args.global_positions, args.length)
-        allowed = pattern_matrix(args.length, args.window, args.dilation, positions, args.causal)
+        cells = pattern_matrix(args.length, args.window, args.dilation, positions, args.causal)
         title = f"window {args.window}, dilation {args.dilation}" + (", causal" if args.causal else "")
-        write_png(args.out, lambda fig: draw_pattern(fig.add_subplot(1, 1, 1), allowed, positions, title))
+        write_png(args.out, lambda fig: draw_pattern(fig.add_subplot(1, 1, 1), cells, positions, title))
         print(f"wrote the attention pattern ({args.length} tokens) to {args.out}")
         return 0
     if args.text is None:
@@ -110,7 +110,7 @@ def model_attention(model_dir: str, text: str, layer: int, head: int, global_tex
     """Run the model on ``text``: (S, S) weights of one head, the layer's allowed pattern (Longformer only,
     else None), the tokens, the global positions and the layer index (made non-negative)."""
     from ..models.auto import load_model
-    from ..models.bert import BertModel
+    from ..models.bert import BertLayer, BertModel
     from ..models.longformer import LongformerForSequenceClassification, LongformerModel
     from ..tokenizer import AutoTokenizer
 
@@ -126,7 +126,8 @@ def model_attention(model_dir: str, text: str, layer: int, head: int, global_tex
     ids = encoded["input_ids"]
     if ids.shape[1] == 0:
         raise InputError("the text gives no tokens: pass some words with --text")
-    layers, heads = len(encoder.layers), encoder.layers[0].attn.n_heads
+    blocks = [block for block in encoder.layers if isinstance(block, BertLayer)]  # Longformer's layers are too
+    layers, heads = len(blocks), blocks[0].attn.n_heads
     if not -layers <= layer < layers or not 0 <= head < heads:
         raise ConfigError(f"--layer {layer} / --head {head} do not exist: the model has {layers} layers (0..{layers - 1})"
                           f" of {heads} heads (0..{heads - 1})")
@@ -148,7 +149,7 @@ def model_attention(model_dir: str, text: str, layer: int, head: int, global_tex
     glob[0, positions] = 1
     with torch.no_grad():
         out = encoder(input_ids=ids, global_attention_mask=glob if positions else None, output_attentions=True)
-    pattern = encoder.layers[layer].attn.pattern
+    pattern = blocks[layer].attn.pattern
     assert isinstance(pattern, SlidingWindow)
     global_ = out.global_attentions[layer][0] if positions else None
     dense = dense_weights(out.attentions[layer][0], global_, positions, pattern.window, pattern.dilation)

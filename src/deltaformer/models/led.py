@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,7 @@ class LEDModel(PreTrainedModel):
     """LED's encoder and decoder sharing one token embedding table."""
 
     config_class = LEDConfig
+    config: LEDConfig
     hf_architecture = "LEDModel"
     hf_backbone_prefix = "led."
     hf_ignored = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -215,7 +217,7 @@ class LEDModel(PreTrainedModel):
 
     def memories(self, encoder_states: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every decoder layer's cross-attention keys and values over ``encoder_states``."""
-        return [layer.encoder_attn.memory(encoder_states) for layer in self.decoder.layers]
+        return [cast(LEDDecoderLayer, layer).encoder_attn.memory(encoder_states) for layer in self.decoder.layers]
 
     def decode(self, decoder_input_ids: Tensor, memories: list[tuple[Tensor, Tensor]],
                attention_mask: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
@@ -234,7 +236,7 @@ class LEDModel(PreTrainedModel):
         if decoder_input_ids is None:
             if input_ids is None:
                 raise InputError("pass decoder_input_ids (or input_ids to shift right, as BART does)")
-            decoder_input_ids = shift_tokens_right(input_ids, self.config.pad_token_id,
+            decoder_input_ids = shift_tokens_right(input_ids, self.config.pad_id,
                                                    self.config.decoder_start_token_id)
         if encoder_outputs is None:
             if input_ids is None:
@@ -255,6 +257,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
     """LED with its language-model head (the shared embeddings, transposed, plus ``final_logits_bias``)."""
 
     config_class = LEDConfig
+    config: LEDConfig
     hf_architecture = "LEDForConditionalGeneration"
     hf_backbone_prefix = "led."
     hf_ignored = (*LEDModel.hf_ignored, "lm_head.weight")
@@ -263,6 +266,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: LEDConfig) -> None:
         super().__init__(config)
         self.backbone = LEDModel(config)
+        self.final_logits_bias: Tensor
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
 
     @classmethod
@@ -280,7 +284,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
                 decoder_input_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs) -> Seq2SeqOutput:
         """Labels (-100 = ignored) give the loss; without decoder inputs they are shifted right to make them."""
         if labels is not None and decoder_input_ids is None:
-            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_id, self.config.decoder_start_token_id)
         out = self.backbone(input_ids, attention_mask, decoder_input_ids, **kwargs)
         out.logits = self.logits(out.last_hidden_state)
         if labels is not None:
@@ -311,13 +315,15 @@ class LEDForConditionalGeneration(PreTrainedModel):
 
         def step(tokens: Tensor) -> Tensor:  # the newest token of each row -> next-token logits (fp32)
             hidden = model.decode(tokens, memories, attention_mask, caches=caches).last_hidden_state
+            assert hidden is not None
             return self.logits(hidden[:, -1]).float()
 
         def reorder(rows: Tensor) -> None:  # beams continue from these rows of the cache
             for cache in caches:
+                assert cache.key is not None and cache.value is not None  # filled by the first step
                 cache.key, cache.value = cache.key.index_select(0, rows), cache.value.index_select(0, rows)
 
-        tokens = (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id)
+        tokens = (config.decoder_start_token_id, config.eos_token_id, config.pad_id)
         if num_beams == 1:
             return greedy_search(step, input_ids.shape[0], *tokens, max_new_tokens, input_ids.device)
         return beam_search(step, reorder, input_ids.shape[0], num_beams, *tokens, max_new_tokens, length_penalty,
