@@ -348,16 +348,18 @@ def _unpack(asset: Asset, archive: Path, dest: Path) -> None:
             with zipfile.ZipFile(archive) as zf:
                 names = [m for m in zf.namelist() if not m.endswith("/") and wanted(m)]
                 zf.extractall(dest, names)  # zipfile strips absolute paths and ".." itself
+                extracted = len(names)
         else:
             with tarfile.open(archive) as tf:
                 members = [m for m in tf.getmembers() if m.isfile() and wanted(m.name)]
                 tf.extractall(dest, members, filter="data")
+                extracted = len(members)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
         raise AssetError(
             f"asset {asset.name!r}: archive {asset.filename} is corrupt or unsafe ({' '.join(str(exc).split())}): "
             "retry; if it persists, the pinned entry is wrong, please report it"
         ) from None
-    if not members or (asset.main_file and not (dest / asset.subdir / asset.main_file).is_file()):
+    if not extracted or (asset.main_file and not (dest / asset.subdir / asset.main_file).is_file()):
         raise AssetError(
             f"asset {asset.name!r}: {asset.filename} has no {asset.main_file or asset.files} under "
             f"{asset.subdir}/: the registry entry is wrong, please report it"
