@@ -38,18 +38,21 @@ class BitFitConfig(DeltaConfig):
 class BitFitPart(LayerPart[BitFitConfig]):
     method = "bitfit"
     stacked = ("delta",)
+    delta: Tensor  # (n_deltas, dim), registered by stack_add
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
         super().__init__(router)
         self.dim = wrapper.out_features
 
     def add_slot(self, name: str, config: BitFitConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
+        assert wrapper.bias is not None  # BitFit targets only layers with a bias
         self.stack_add(name, {"delta": wrapper.bias.new_zeros(self.dim).detach()})
 
     def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
         return y + per_sample(self.delta, sel, y, 0.0)
 
     def merge_slot(self, wrapper: DeltaWrapper, s: int, sign: float) -> None:
+        assert wrapper.bias is not None
         wrapper.bias.add_(self.delta[s].to(wrapper.bias.dtype), alpha=sign)
 
     def slot_state(self, s: int) -> dict[str, Tensor]:

@@ -34,10 +34,10 @@ class Output:
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]  # subclasses are dataclasses
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]  # subclasses are dataclasses
 
 
 @dataclass
@@ -91,6 +91,8 @@ class PreTrainedModel(nn.Module):
     registry: ClassVar[dict[str, type[PreTrainedModel]]] = {}
     #: The router of attached deltas (a ``deltaformer.delta.routing.DeltaRouter``, set by ``delta.attach``).
     delta_router: Any = None
+    #: What loading the checkpoint did (set by :meth:`from_pretrained`).
+    load_report: LoadReport
     #: The input hook of prompt-based deltas, on backbones that run one (see :meth:`delta_backbone`).
     prompt: nn.Module | None
 

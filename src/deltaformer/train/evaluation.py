@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 def _loader(dataset: Sequence, collate: Callable, batch_size: int, env: DistEnv) -> DataLoader:
     # Each rank takes every world_size-th example (no padding, so no example counts twice); a private
     # generator keeps the loader from drawing on the global RNG that dropout in training depends on.
-    shard = Subset(dataset, range(env.rank, len(dataset), env.world_size)) if env.distributed else dataset
+    shard: Any = Subset(cast(Any, dataset), range(env.rank, len(dataset), env.world_size)) if env.distributed else dataset  # a sequence is a map-style dataset
     return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate,
                       generator=torch.Generator())
 
@@ -72,7 +72,7 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     chunks = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    for batch in DataLoader(cast(Any, dataset), batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = move(batch, device)
         batch.pop("labels", None)
         with autocast(device, bf16):

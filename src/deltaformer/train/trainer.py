@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,7 +153,7 @@ class Trainer:
 
         sampler = ResumableSampler(self.train_data, env.world_size, env.rank, seed=cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=sampler,
+        loader: DataLoader = DataLoader(cast(Any, self.train_data), batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=self.collate, generator=generator)
         batches_per_epoch = len(loader)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -205,7 +205,7 @@ class Trainer:
 
                 step = progress.global_step
                 if step % cfg.log_every == 0 or done or end_of_epoch:
-                    self._log_train(progress, scheduler.get_last_lr()[0], steps_per_epoch,
+                    self._log_train(progress, float(scheduler.get_last_lr()[0]), steps_per_epoch,
                                     time.perf_counter() - window_start, bar)
                     window_start = time.perf_counter()
 
@@ -239,7 +239,7 @@ class Trainer:
         for i in range(group):
             batch = move(next(batches), env.device)
             sync = not env.distributed or i == group - 1
-            with contextlib.nullcontext() if sync else wrapped.no_sync():
+            with contextlib.nullcontext() if sync else cast(DistributedDataParallel, wrapped).no_sync():
                 with autocast(env.device, cfg.bf16):
                     loss = wrapped(**batch).loss / group
                 loss.backward()
@@ -276,6 +276,7 @@ class Trainer:
     def _evaluate(self, model: nn.Module, progress: Progress, step: int, steps_per_epoch: int) -> bool:
         """Evaluate, keep the best weights, and say whether to stop early."""
         cfg = self.config
+        assert self.eval_data is not None  # only called with evaluation data
         result = evaluate(model, self.eval_data, self.collate, self.num_labels or 2, cfg.eval_batch_size,
                           self.env, cfg.bf16)
         progress.last_eval = result
