@@ -93,6 +93,21 @@ class DecoderModel(PreTrainedModel):
         """The query/key rotation of these positions (RoPE), or None for models without one."""
         return None
 
+    def _prompted(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor | None):
+        """Run the input hook: (embeds, mask, position offset or None). Soft tokens it prepends get mask
+        ones (so mask-derived positions count them); the offset is prefix tuning's per-row shift, (B, 1)."""
+        batch, seq = embeds.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
+        types = torch.zeros(batch, seq, dtype=torch.long, device=embeds.device)
+        prompted = self.prompt(input_ids, embeds, mask, types)  # type: ignore[misc]
+        embeds, mask = prompted[0], prompted[1]
+        positions = prompted[3] if len(prompted) > 3 else None
+        offset = None
+        if positions is not None:  # the hook counts from 0 and adds its shift: keep the shift only
+            offset = (positions - torch.arange(embeds.shape[1], device=embeds.device))[:, :1]
+        return embeds, mask, offset
+
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` positions (prompt + new)."""
@@ -129,16 +144,16 @@ class DecoderModel(PreTrainedModel):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
             raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + seq)}"
                              " (cached + new positions, 1 for real tokens)")
+        offset = cache.position_offset if cache is not None and past > 0 else None
         if self.prompt is not None and past == 0:
-            mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, seq, dtype=torch.long)
-            types = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
-            prompted = self.prompt(input_ids, inputs_embeds, mask, types)
-            inputs_embeds, attention_mask = prompted[0], prompted[1]
-            if position_ids is None and len(prompted) > 3 and prompted[3] is not None:
-                position_ids = prompted[3]
+            inputs_embeds, attention_mask, offset = self._prompted(input_ids, inputs_embeds, attention_mask)
             seq = inputs_embeds.shape[1]
+            if cache is not None:
+                cache.position_offset = offset
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, seq, batch, inputs_embeds.device)
+            if offset is not None:
+                position_ids = position_ids + offset
         key_mask = key_mask_from(attention_mask) if attention_mask is not None else None
         x = self.embed(inputs_embeds, position_ids)
         rotary = self.rotation(position_ids, x.dtype)
