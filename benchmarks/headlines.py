@@ -2,7 +2,7 @@
 
 The task is the built-in ``bbc-headlines`` (:func:`deltaformer.data.tasks.load_seq2seq_task`): article body ->
 its headline, fixed 80/10/10 splits stratified by topic. The model is
-:func:`deltaformer.models.led.led_from_bert` on ``minilm``: the encoder is MiniLM converted to a Longformer
+:func:`deltaformer.convert.led_from_bert` on ``minilm``: the encoder is MiniLM converted to a Longformer
 (``--max-source-length`` positions, one-sided ``--window``, [CLS] global), the decoder is warm-started from
 the same six BERT layers (self-attention made causal, feed-forward, LayerNorms, embeddings; cross-attention
 fresh), in MiniLM's WordPiece vocabulary ([CLS] starts, [SEP] ends, [PAD] pads).
@@ -78,6 +78,7 @@ def train(model: torch.nn.Module, data: list, collate, args: argparse.Namespace,
 @torch.no_grad()
 def generate(model, tokenizer, data: list, collate, args: argparse.Namespace, device: torch.device) -> list[str]:
     """Headlines for ``data`` in order: greedy or beam search, special tokens dropped."""
+    from deltaformer.generation import generate as decode
     from deltaformer.train.evaluation import autocast, move
 
     model.eval()
@@ -85,8 +86,9 @@ def generate(model, tokenizer, data: list, collate, args: argparse.Namespace, de
     for start in range(0, len(data), args.eval_batch_size):
         batch = move(collate(data[start:start + args.eval_batch_size]), device)
         with autocast(device, args.bf16):
-            ids = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("global_attention_mask"),
-                                 max_new_tokens=args.max_target_length, num_beams=args.beams)
+            ids = decode(model, batch["input_ids"], batch["attention_mask"],
+                         global_attention_mask=batch.get("global_attention_mask"),
+                         max_new_tokens=args.max_target_length, num_beams=args.beams)
         texts += tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)
     return texts
 
@@ -101,9 +103,9 @@ def scored(name: str, predictions: list[str], references: list[str]) -> dict[str
 
 def run(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Build, train, generate and score; returns the model row, the baseline row and the comparison."""
+    from deltaformer.convert import led_from_bert
     from deltaformer.data.collate import Seq2SeqCollator, encode_pairs
     from deltaformer.data.tasks import load_seq2seq_task
-    from deltaformer.models.led import led_from_bert
     from deltaformer.tokenizer import AutoTokenizer
     from deltaformer.train.finetune import peak_memory_mb
     from deltaformer.train.seeding import seed_everything

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltaformer.errors import ConfigError
+from deltaformer.generation import generate
 from deltaformer.models.led import LEDForConditionalGeneration, LEDModel
 
 from .test_longformer import _inputs as longformer_inputs
@@ -148,7 +149,7 @@ def test_greedy_and_beam_search_match_transformers(tmp_path):
              (None, dict(num_beams=3, early_stopping=False, length_penalty=-1.0))]
     for global_mask, settings in cases:
         expected = _hf_generate(hf, ids, mask, global_mask, max_new_tokens=10, **settings)
-        got = ours.generate(ids, mask, global_mask, max_new_tokens=10, **settings)
+        got = generate(ours, ids, mask, global_attention_mask=global_mask, max_new_tokens=10, **settings)
         assert got.tolist() == expected.tolist(), settings
 
 
@@ -157,6 +158,6 @@ def test_generation_settings_are_checked(tmp_path):
     ours = LEDForConditionalGeneration.from_pretrained(path)
     ids = torch.randint(3, VOCAB, (1, 5))
     with pytest.raises(ConfigError, match="num_beams"):
-        ours.generate(ids, num_beams=0)
+        generate(ours, ids, num_beams=0)
     with pytest.raises(ConfigError, match="early_stopping"):
-        ours.generate(ids, num_beams=2, early_stopping="sometimes")
+        generate(ours, ids, num_beams=2, early_stopping="sometimes")

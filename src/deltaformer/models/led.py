@@ -3,13 +3,13 @@
 The encoder's layers are :class:`~deltaformer.models.longformer.LongformerLayer` (post-LayerNorm, sliding
 window + global tokens, linear memory) over token + learned position embeddings and a LayerNorm; the decoder
 is BART's: causal self-attention, cross-attention over the encoder's output, feed-forward, each post-LayerNorm.
-``generate`` does greedy and beam search with a key/value cache, and returns what Hugging Face's
-``LEDForConditionalGeneration.generate`` returns with the same settings.
+Generation (greedy, sampling, beam search) lives in :mod:`deltaformer.generation`, which drives the encoder
+once and the decoder step by step through :meth:`LEDModel.encode`, :meth:`LEDModel.memories`,
+:meth:`LEDModel.decode` and :meth:`LEDForConditionalGeneration.logits`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +18,14 @@ from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
 from ..config import LEDConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..nn.attention import KVCache, SelfAttention
 from ..nn.dropout import Dropout
 from ..nn.linear import linear
 from ..nn.mlp import FeedForward
 from ..nn.patterns import Causal
 from .base import Output, PreTrainedModel
-from .bert import check_length, check_token_ids, key_mask_from, residual_add
+from .common import check_length, check_token_ids, key_mask_from, residual_add
 from .longformer import LongformerLayer, LongformerOutput, run_layers
 
 LED_NAMES = NameMap([
@@ -266,214 +266,3 @@ class LEDForConditionalGeneration(PreTrainedModel):
         if labels is not None:
             out.loss = F.cross_entropy(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), ignore_index=-100)
         return out
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                 global_attention_mask: Tensor | None = None, max_new_tokens: int = 20, num_beams: int = 1,
-                 length_penalty: float = 1.0, early_stopping: bool | str = False) -> Tensor:
-        """Greedy (``num_beams=1``) or beam search from ``decoder_start_token_id`` until ``eos_token_id`` or
-        ``max_new_tokens``; (B, 1 + generated) ids, finished sequences padded, as Hugging Face returns them.
-
-        ``early_stopping`` is Hugging Face's: False (stop when no running beam can beat the finished ones,
-        judged at the current length), True (stop once ``num_beams`` hypotheses are finished) or ``"never"``.
-        """
-        if num_beams < 1 or max_new_tokens < 1:
-            raise ConfigError(f"num_beams ({num_beams}) and max_new_tokens ({max_new_tokens}) must be positive")
-        if early_stopping not in (False, True, "never"):
-            raise ConfigError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
-        model, config = self.backbone, self.config
-        encoded = model.encode(input_ids, attention_mask, global_attention_mask).last_hidden_state
-        if num_beams > 1:
-            encoded = encoded.repeat_interleave(num_beams, dim=0)
-            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, dim=0)
-        memories = model.memories(encoded)
-        caches = [KVCache() for _ in model.decoder.layers]
-
-        def step(tokens: Tensor) -> Tensor:  # the newest token of each row -> next-token logits (fp32)
-            hidden = model.decode(tokens, memories, attention_mask, caches=caches).last_hidden_state
-            return self.logits(hidden[:, -1]).float()
-
-        def reorder(rows: Tensor) -> None:  # beams continue from these rows of the cache
-            for cache in caches:
-                cache.key, cache.value = cache.key.index_select(0, rows), cache.value.index_select(0, rows)
-
-        tokens = (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id)
-        if num_beams == 1:
-            return greedy_search(step, input_ids.shape[0], *tokens, max_new_tokens, input_ids.device)
-        return beam_search(step, reorder, input_ids.shape[0], num_beams, *tokens, max_new_tokens, length_penalty,
-                           input_ids.device, early_stopping)
-
-
-def greedy_search(step: Callable[[Tensor], Tensor], batch: int, start: int, eos: int, pad: int,
-                  max_new_tokens: int, device: torch.device) -> Tensor:
-    """Pick the most likely token until every row has ended (``eos``); ended rows continue with ``pad``."""
-    sequences = torch.full((batch, 1), start, dtype=torch.long, device=device)
-    running = torch.ones(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        chosen = step(sequences[:, -1:]).argmax(dim=-1)
-        chosen = torch.where(running, chosen, pad)
-        sequences = torch.cat([sequences, chosen[:, None]], dim=1)
-        running &= chosen != eos
-        if not running.any():
-            break
-    return sequences
-
-
-def beam_search(step: Callable[[Tensor], Tensor], reorder: Callable[[Tensor], None], batch: int, beams: int,
-                start: int, eos: int, pad: int, max_new_tokens: int, length_penalty: float,
-                device: torch.device, early_stopping: bool | str = False) -> Tensor:
-    """Hugging Face's vectorised beam search, step for step, so ties break alike.
-
-    Each step keeps the best ``2 * beams`` continuations; those ending (``eos`` or the length limit) among the
-    first ``beams`` become finished hypotheses scored ``sum log p / length ** length_penalty``; the best
-    ``beams`` others run on. It stops when no running beam can beat the worst kept hypothesis (judged at the
-    current length, or at the longest for ``early_stopping="never"`` with a positive penalty), or, with
-    ``early_stopping=True``, as soon as every row holds ``beams`` finished hypotheses.
-    """
-    stop_when_full = early_stopping is True
-    judge_at_longest = early_stopping == "never" and length_penalty > 0.0
-    top = 2 * beams
-    length = 1 + max_new_tokens
-    big = -1.0e9
-    top_mask = torch.arange(top, device=device) < beams
-    offset = torch.arange(batch, device=device)[:, None] * beams
-    running = torch.full((batch, beams, length), pad, dtype=torch.long, device=device)
-    running[:, :, 0] = start
-    finished = running.clone()
-    running_scores = torch.zeros(batch, beams, device=device)
-    running_scores[:, 1:] = big
-    finished_scores = torch.full((batch, beams), big, device=device)
-    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    running_from = torch.full((batch, beams, length - 1), -1, dtype=torch.long, device=device)
-    finished_from = running_from.clone()
-    cur = 1
-
-    def take(x: Tensor, index: Tensor) -> Tensor:
-        return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
-
-    while True:
-        log_probs = F.log_softmax(step(running[:, :, cur - 1].reshape(-1, 1)), dim=-1)
-        vocab = log_probs.shape[-1]
-        log_probs = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        top_scores, top_index = torch.topk(log_probs, k=top)
-        source = top_index // vocab
-        candidates, candidates_from = take(running, source), take(running_from, source)
-        candidates[:, :, cur] = top_index % vocab
-        candidates_from[:, :, cur - 1] = source + offset
-        ends = (candidates[:, :, cur] == eos) | (cur + 1 >= length)
-        # beams that go on: the best that did not end
-        go_on = top_scores + ends.float() * big
-        keep = torch.topk(go_on, k=beams)[1]
-        running, running_scores, running_from = take(candidates, keep), take(go_on, keep), take(candidates_from, keep)
-        # hypotheses that ended among the first `beams` join the finished ones if better
-        scores = top_scores / ((cur + 1 - 1) ** length_penalty)
-        if stop_when_full:  # a row with `beams` finished hypotheses takes no more
-            scores = scores + is_finished.all(dim=1, keepdim=True).float() * big
-        scores = scores + (~improvable).float() * big
-        just_ended = ends & top_mask[None, :]
-        scores = scores + (~just_ended) * big
-        best = torch.topk(torch.cat([finished_scores, scores], dim=1), k=beams)[1]
-        finished = take(torch.cat([finished, candidates], dim=1), best)
-        finished_scores = take(torch.cat([finished_scores, scores], dim=1), best)
-        finished_from = take(torch.cat([finished_from, candidates_from], dim=1), best)
-        is_finished = take(torch.cat([is_finished, just_ended], dim=1), best)
-        reorder(running_from[:, :, cur - 1].reshape(-1))
-        cur += 1
-        best_running = running_scores[:, :1] / (((length if judge_at_longest else cur) - 1) ** length_penalty)
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], big)
-        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        all_full = stop_when_full and bool(is_finished.all())
-        if not improvable.any() or all_full or ends.all():
-            break
-    generated = int((finished_from[:, 0] + 1).bool().sum(dim=1).max())
-    return finished[:, 0, :1 + generated]
-
-
-# --- warm start from a BERT checkpoint -----------------------------------------------------------------
-
-
-def led_from_bert(bert: str, max_source_length: int = 4096, window: int = 256,
-                  max_target_length: int | None = None) -> LEDForConditionalGeneration:
-    """An LED warm-started from a BERT checkpoint (directory or asset name), speaking its vocabulary.
-
-    The encoder is the BERT converted to a Longformer by
-    :func:`~deltaformer.models.longformer.convert_bert_to_longformer` (``max_source_length`` positions tiled
-    from BERT's, one-sided ``window``, global projections copied from the local ones). The decoder is
-    warm-started from the same BERT layers wherever shapes agree (Rothe et al., 2020, "BERT2BERT"): token
-    embeddings (shared with the encoder and, tied, the LM head), positions, embedding LayerNorm, and in every
-    layer the self-attention (made causal), its LayerNorm, the feed-forward and its LayerNorm. Each decoder
-    layer's cross-attention and its LayerNorm have no BERT counterpart and start fresh (normal(0, init_std)
-    weights, identity LayerNorm); ``final_logits_bias`` starts at zero.
-
-    LED's embeddings have no segment table, so BERT's segment-0 vector is folded into both position tables;
-    LED's LayerNorms use eps 1e-5 (BERT: 1e-12), a negligible change. Special tokens follow the BERT
-    tokenizer: [CLS] is bos and the decoder's start token, [SEP] is eos, [PAD] is pad. The decoder reads up
-    to ``max_target_length`` tokens (default: BERT's ``max_position_embeddings``).
-    """
-    import tempfile
-
-    from ..config import BertConfig
-    from ..tokenizer import AutoTokenizer
-    from .auto import load_model
-    from .base import resolve_path
-    from .longformer import LongformerModel, convert_bert_to_longformer
-
-    source = resolve_path(bert)
-    loaded = load_model(source)
-    if type(loaded.config) is not BertConfig:
-        raise ConfigError(f"{source} holds a {loaded.config.model_type!r} model: led_from_bert needs a BERT checkpoint")
-    base = loaded if loaded.is_backbone() else loaded.backbone
-    max_target_length = max_target_length or base.config.max_position_embeddings
-    if max_target_length > base.config.max_position_embeddings:
-        raise ConfigError(f"max_target_length {max_target_length} exceeds BERT's {base.config.max_position_embeddings} "
-                          "positions: use at most that many")
-    with tempfile.TemporaryDirectory(prefix="led-from-bert-") as tmp:
-        encoder = LongformerModel.from_pretrained(convert_bert_to_longformer(source, max_source_length, window, tmp))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    special = {kind: getattr(tokenizer, f"{kind}_token_id") for kind in ("cls", "sep", "pad")}
-    missing = [kind for kind, token in special.items() if token is None]
-    if missing:
-        raise ConfigError(f"{source}'s tokenizer has no {missing[0]} token: led_from_bert needs [CLS], [SEP] and "
-                          "[PAD] (a BERT tokenizer)")
-    model = LEDForConditionalGeneration(_led_config_from_bert(base, special, max_source_length, window,
-                                                              max_target_length))
-    _warm_start_led(model.backbone, base, encoder)
-    model.config.extra = {**model.config.extra, "architectures": [model.hf_architecture]}
-    return model
-
-
-def _led_config_from_bert(bert: PreTrainedModel, ids: dict[str, int], max_source_length: int, window: int,
-                          max_target_length: int) -> LEDConfig:
-    """LED sizes equal to BERT's, encoder and decoder alike; special token ids from BERT's tokenizer."""
-    config = bert.config
-    return LEDConfig(
-        vocab_size=config.vocab_size, d_model=config.hidden_size, encoder_layers=config.num_hidden_layers,
-        decoder_layers=config.num_hidden_layers, encoder_attention_heads=config.num_attention_heads,
-        decoder_attention_heads=config.num_attention_heads, encoder_ffn_dim=config.intermediate_size,
-        decoder_ffn_dim=config.intermediate_size, max_encoder_position_embeddings=max_source_length,
-        max_decoder_position_embeddings=max_target_length, activation_function=config.hidden_act,
-        dropout=config.hidden_dropout_prob, attention_dropout=config.attention_probs_dropout_prob,
-        init_std=config.initializer_range, attention_window=2 * window, pad_token_id=ids["pad"],
-        bos_token_id=ids["cls"], eos_token_id=ids["sep"], decoder_start_token_id=ids["cls"],
-    )
-
-
-@torch.no_grad()
-def _warm_start_led(led: LEDModel, bert: PreTrainedModel, encoder: PreTrainedModel) -> None:
-    """Copy BERT / converted-Longformer weights into ``led`` (see :func:`led_from_bert` for which)."""
-    embeddings = bert.embeddings
-    segment = embeddings.segments.weight[0]
-    offset = (encoder.config.pad_token_id or 0) + 1  # the Longformer's positions count from pad + 1
-    led.shared.weight.copy_(embeddings.tokens.weight)
-    led.encoder.positions.weight.copy_(encoder.embeddings.positions.weight[offset:] + segment)
-    led.decoder.positions.weight.copy_(embeddings.positions.weight[:led.decoder.positions.num_embeddings] + segment)
-    for norm in (led.encoder.norm, led.decoder.norm):
-        norm.load_state_dict(embeddings.norm.state_dict())
-    led.encoder.layers.load_state_dict(encoder.layers.state_dict())
-    for ours, theirs in zip(led.decoder.layers, bert.layers):
-        for name in ("query", "key", "value", "out"):
-            getattr(ours.self_attn, name).load_state_dict(getattr(theirs.attn, name).state_dict())
-        ours.self_norm.load_state_dict(theirs.attn_norm.state_dict())
-        ours.mlp.load_state_dict(theirs.mlp.state_dict())
-        ours.mlp_norm.load_state_dict(theirs.mlp_norm.state_dict())
