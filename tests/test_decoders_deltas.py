@@ -148,3 +148,30 @@ def test_peft_lora_on_transformers_llama_loads_here_and_ours_loads_in_peft(tmp_p
                                           tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, mine, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning2", "lora"])
+def test_routed_left_padded_batch_equals_each_sample_alone(method):
+    model = make("llama")
+    model._base_ids = {id(p) for p in model.parameters()}
+    attach(model, method, "a")
+    ids = torch.randint(3, VOCAB, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    names = ["a", None, "a"]
+    with torch.no_grad():
+        with delta.route(model, names):
+            batch = model(ids, attention_mask=mask)
+        for row, name in enumerate(names):
+            own = ids[row][mask[row].bool()][None]
+            if name is None:
+                with delta.bare(model):
+                    alone = model(own)
+            else:
+                delta.set_active(model, name)
+                alone = model(own)
+            n = own.shape[1]
+            alone_mask = alone.attention_mask if alone.attention_mask is not None else torch.ones(1, n)
+            torch.testing.assert_close(real_rows(batch.logits, batch.attention_mask, n)[row],
+                                       real_rows(alone.logits, alone_mask, n)[0], atol=ATOL, rtol=0)
