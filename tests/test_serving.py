@@ -243,8 +243,6 @@ def test_add_and_remove_a_delta_while_running(setup, server, client, tmp_path):
         client.completions.create(model="tiny:ia3-copy", prompt="x", max_tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason="prompt-tuning deltas on Llama fail when position_ids are passed "
-                   "(positions are not extended over the soft tokens); reported to the decoder/generation work")
 def test_prompt_tuning_delta(setup, server, client):
     auth = {"Authorization": f"Bearer {KEY}"}
     add = httpx.post(f"{server}/v1/deltas", json={"name": "prompt", "path": "prompt"}, headers=auth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -61,6 +62,33 @@ def evaluate(
     all_reduce_sum(loss_sum, env)
     total = int(confusion.sum())
     return {"loss": loss_sum.item() / max(1, total), **scores(confusion.cpu()), "examples": total}
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    dataset: Sequence,
+    collate: Callable,
+    batch_size: int = 64,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """A causal LM's next-token loss over every labelled token of ``dataset`` (token-weighted, so short
+    blocks count for what they hold) and its perplexity; the model's mode is kept."""
+    env = env or DistEnv(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, predicted tokens
+    for batch in _loader(dataset, collate, batch_size, env):
+        batch = move(batch, env.device)
+        with autocast(env.device, bf16):
+            out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        totals += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=env.device)])
+    model.train(was_training)
+    all_reduce_sum(totals, env)
+    loss = totals[0].item() / max(1.0, totals[1].item())
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals[1].item())}
 
 
 @torch.no_grad()

@@ -124,6 +124,9 @@ class Trainer:
     num_labels: int | None = None
     on_step: Callable[[int], None] | None = None
     env: DistEnv = field(default_factory=DistEnv)
+    #: ``evaluator(model, dataset, collate, batch_size, env, bf16) -> metrics`` for models that are not
+    #: classifiers (causal LMs: :func:`~deltaformer.train.evaluation.evaluate_lm`); default: classification.
+    evaluator: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.config.check()
@@ -226,8 +229,13 @@ class Trainer:
 
     def evaluate(self, dataset: Sequence) -> dict[str, float]:
         """Metrics of the current model on ``dataset``."""
-        return evaluate(self.model, dataset, self.collate, self.num_labels or 2, self.config.eval_batch_size,
-                        self.env, self.config.bf16)
+        return self._metrics(self.model, dataset)
+
+    def _metrics(self, model: nn.Module, dataset: Sequence) -> dict[str, Any]:
+        cfg = self.config
+        if self.evaluator is not None:
+            return self.evaluator(model, dataset, self.collate, cfg.eval_batch_size, self.env, cfg.bf16)
+        return evaluate(model, dataset, self.collate, self.num_labels or 2, cfg.eval_batch_size, self.env, cfg.bf16)
 
     # ---- internals ------------------------------------------------------------------------------------
 
@@ -277,8 +285,7 @@ class Trainer:
         """Evaluate, keep the best weights, and say whether to stop early."""
         cfg = self.config
         assert self.eval_data is not None  # only called with evaluation data
-        result = evaluate(model, self.eval_data, self.collate, self.num_labels or 2, cfg.eval_batch_size,
-                          self.env, cfg.bf16)
+        result = self._metrics(model, self.eval_data)
         progress.last_eval = result
         if self.env.is_main:
             self.metrics_log.append({"split": "validation", "step": step,
