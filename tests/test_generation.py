@@ -191,3 +191,72 @@ def test_bad_input_is_a_clear_error(pair):
     truncated = generate(ours, long, max_new_tokens=10, truncate_prompt=True)
     assert truncated.shape == (1, 128)
     assert truncated.tolist() == generate(ours, long[:, -118:], max_new_tokens=10).tolist()
+
+
+def _with_deltas(model, extra: str | None = None):
+    """``model`` with one delta of each kind a batch can mix (plus ``extra``), every parameter non-zero."""
+    from deltaformer import delta
+
+    configs = {"lora": delta.LoraConfig(r=4), "ia3": delta.IA3Config(), "adapter": delta.AdapterConfig(),
+               "bitfit": delta.BitFitConfig()}
+    more = {"prefix": delta.PrefixConfig(num_virtual_tokens=3), "prompt": delta.PromptConfig(num_virtual_tokens=2)}
+    if extra is not None:
+        configs[extra] = more[extra]
+    for name, config in configs.items():
+        delta.attach(model, config, name)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in delta.delta_parameters(model):
+            p.add_(torch.randn_like(p) * 0.3)
+    return model, list(configs)
+
+
+def _recomputed(model, prompt, name, new, seed=None, **settings):
+    """The oracle: no cache, the whole sequence through the model with only delta ``name`` at every step."""
+    from deltaformer import delta
+    from deltaformer.generation.processors import RowSettings, choose, process, seen_tokens
+    from deltaformer.generation.state import row_generator
+
+    config = GenerationConfig(max_new_tokens=new, seed=seed, **settings)
+    rows = RowSettings.of([config], torch.device("cpu"))
+    generators = [row_generator(seed, torch.device("cpu")) if config.sampling else None]
+    ids = list(prompt)
+    with torch.no_grad(), delta.route(model, [name]):
+        for _ in range(new):
+            logits = model(torch.tensor([ids])).logits[:, -1].float()
+            scores = process(logits, rows, seen_tokens(torch.tensor([ids]), None, logits.shape[-1]))
+            ids.append(int(choose(scores, rows, generators)[0]))
+    return ids[len(prompt):]
+
+
+INPUT_SIDE = pytest.mark.xfail(strict=True, reason="decoder forward: prefix positions ignore left padding and "
+                                "prompt tuning's extended mask is not returned (see models/decoder.py)")
+
+
+@pytest.mark.parametrize("family,extra", [("gpt2", None), ("llama", None),
+                                          pytest.param("llama", "prefix", marks=INPUT_SIDE),
+                                          pytest.param("gpt2", "prompt", marks=INPUT_SIDE)])
+def test_each_prompt_its_own_delta_in_one_batch(tmp_path, family, extra):
+    _, path = make_hf(tmp_path, family, initializer_range=0.5)
+    model, names = _with_deltas(ours_for(family).from_pretrained(path).eval(), extra)
+    routes = [*names, None, "lora"]
+    prompts = [[5, 9, 11, 40], [17, 8], [60, 61, 62, 63, 64, 65], [33, 34, 35], [70, 71, 72, 73, 74], [7, 6, 5],
+               [9, 10]][:len(routes)]
+    ids, mask = _left_padded_lists(prompts)
+    for settings in (dict(), dict(do_sample=True, seed=11, top_k=0)):
+        batched = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], deltas=routes, **settings)
+        for row, (prompt, name) in enumerate(zip(prompts, routes)):
+            expected = _recomputed(model, prompt, name, 10, **settings)
+            assert batched[row, ids.shape[1]:].tolist() == expected, (name, settings)
+    # beams reorder rows: routing follows them
+    beams = generate(model, ids, mask, max_new_tokens=6, eos_token_id=[], num_beams=2, deltas=routes)
+    for row, name in enumerate(routes):
+        alone = generate(model, ids[row:row + 1, -len(prompts[row]):], max_new_tokens=6, eos_token_id=[],
+                         num_beams=2, deltas=[name])
+        assert beams[row, ids.shape[1]:].tolist() == alone[0, len(prompts[row]):].tolist(), name
+
+
+def _left_padded_lists(prompts):
+    from deltaformer.generation.sessions import left_pad
+
+    return left_pad(prompts, 0)
