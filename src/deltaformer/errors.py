@@ -18,3 +18,11 @@ class CheckpointError(DeltaformerError):
 
 class InputError(DeltaformerError, ValueError):
     """Model inputs are malformed (too long, wrong shape, out-of-range ids)."""
+
+
+class PromptError(DeltaformerError, ValueError):
+    """A prompt template, verbalizer, demonstration set or instruction file cannot be used as given."""
+
+
+class DeltaError(DeltaformerError):
+    """A delta cannot be attached, routed, merged, saved or loaded; the message says what to do."""

@@ -27,13 +27,22 @@ from ..nn.kv_cache import CacheLayer, KVCache
 from ..nn.linear import Linear
 from ..nn.rope import Rotation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
-from .bert import check_token_ids, classification_loss, key_mask_from
+from .common import check_token_ids, classification_loss, key_mask_from
 
 
 @dataclass
 class DecoderOutput(EncoderOutput):
     """A backbone's output; ``attention_mask`` is the mask the layers saw (longer than the input's when a
     prompt delta prepended soft tokens), so heads can find each sequence's last real token."""
+
+    attention_mask: Tensor | None = None
+
+
+@dataclass
+class CausalLMOutput(HeadOutput):
+    """A causal LM's output; ``attention_mask`` is the mask over every cached position ([B, cache.length]
+    after this forward), longer than the caller's when a prompt delta prepended soft tokens on the prefill:
+    the next decoding step's mask extends this one."""
 
     attention_mask: Tensor | None = None
 
@@ -236,7 +245,7 @@ class DecoderForCausalLM(DecoderTaskModel):
         output_attentions: bool = False,
         inputs_embeds: Tensor | None = None,
         last_only: bool = False,
-    ) -> HeadOutput:
+    ) -> CausalLMOutput:
         """``labels``: (B, T) token ids, ``-100`` where no loss is wanted; shifted inside (as HF).
         ``last_only``: logits of the last position alone, (B, 1, V): all a decoding step needs."""
         out = self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds,
@@ -250,27 +259,34 @@ class DecoderForCausalLM(DecoderTaskModel):
             if labels.shape[1] != logits.shape[1]:  # soft prompt tokens were prepended: they predict nothing
                 labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
             loss = causal_lm_loss(logits, labels)
-        return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                              attention_mask=out.attention_mask)
 
 
 def last_token_index(input_ids: Tensor | None, attention_mask: Tensor | None, pad_token_id: int | None,
                      batch: int, seq: int, device: torch.device) -> Tensor:
-    """Per row, the position of the last real token: HF's rule (the rightmost id that is not ``pad_token_id``,
-    so both padding sides work); without a pad id, the rightmost 1 of the attention mask; a single
-    unpadded row, its last position."""
+    """Per row, the position of the last real token: the rightmost 1 of the attention mask when there is one;
+    else HF's rule, the rightmost id that is not ``pad_token_id`` (both padding sides work); a single
+    unpadded row, its last position.
+
+    The mask comes first because it cannot be fooled: a collator padding with eos (tokenizers without a pad
+    token) and a text ending in eos would make the id rule skip the real final token. Where mask and ids
+    agree, which is every batch HF's own collators make, both rules pick the same token.
+    """
     positions = torch.arange(seq, device=device, dtype=torch.int32)
-    if pad_token_id is not None and input_ids is not None:
-        return (positions * (input_ids != pad_token_id).to(torch.int32)).argmax(-1)
     if attention_mask is not None:
         return (positions * attention_mask[:, -seq:].to(device=device, dtype=torch.int32)).argmax(-1)
+    if pad_token_id is not None and input_ids is not None:
+        return (positions * (input_ids != pad_token_id).to(torch.int32)).argmax(-1)
     if batch != 1:
-        raise InputError("a batch of several sequences needs pad_token_id in the config or an attention_mask "
+        raise InputError("a batch of several sequences needs an attention_mask (or pad_token_id in the config) "
                          "to find each sequence's last token")
     return torch.full((1,), seq - 1, dtype=torch.long, device=device)
 
 
 class DecoderForSequenceClassification(DecoderTaskModel):
-    """A linear ``score`` (no bias, as HF) on the last real token of each sequence."""
+    """A linear ``score`` (no bias, as HF) on the last real token of each sequence (see
+    :func:`last_token_index`)."""
 
     head_rules = [("score", "score")]
     head_prefixes = ("score.",)
@@ -298,8 +314,10 @@ class DecoderForSequenceClassification(DecoderTaskModel):
                             output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
         batch, seq = hidden.shape[:2]
+        if out.attention_mask is not None:  # soft tokens may have been prepended: the mask the layers saw
+            attention_mask = out.attention_mask
         if input_ids is not None and input_ids.shape[1] != seq:  # soft tokens prepended: the ids no longer line up
-            input_ids, attention_mask = None, out.attention_mask
+            input_ids = None
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch, seq, hidden.device)
         pooled = hidden[torch.arange(batch, device=hidden.device), last]
         logits = self.score(self.dropout(pooled))
