@@ -149,8 +149,9 @@ def _tokenizer_and_model(tmp_path):
     text = ["the cat sat on the mat", "a dog ran to the park and back", "é à ü ö letters and words"] * 20
     tokenizer = train_tokenizer(text, kind="bpe", vocab_size=300, min_frequency=1)
     torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=48,
-                                     initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                     initializer_range=0.5, eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.bos_token_id)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     return tokenizer, GPT2LMHeadModel.from_pretrained(tmp_path).eval()
 
@@ -260,3 +261,37 @@ def _left_padded_lists(prompts):
     from deltaformer.generation.sessions import left_pad
 
     return left_pad(prompts, 0)
+
+
+def _cli(capsys, monkeypatch, *argv, stdin: str = ""):
+    import io
+
+    from deltaformer.cli.main import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_and_chat_commands(tmp_path, capsys, monkeypatch):
+    tokenizer, model = _tokenizer_and_model(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    where = str(tmp_path / "model")
+    ids = tokenizer.encode("the cat")
+    expected = tokenizer.decode(generate(model, torch.tensor([ids]), max_new_tokens=12)[0, len(ids):].tolist(),
+                                skip_special_tokens=True)
+    capsys.readouterr()
+    assert _cli(capsys, monkeypatch, "generate", where, "the cat", "--max-new-tokens", "12")[:2] == (0, expected + "\n")
+    sampled = [_cli(capsys, monkeypatch, "generate", where, "-", "--sample", "--seed", "3", "--top-p", "0.9",
+                    "--max-new-tokens", "12", stdin="the dog")[1] for _ in range(2)]
+    alone = "".join(stream_text(model, tokenizer, "the dog", max_new_tokens=12, do_sample=True, seed=3, top_p=0.9))
+    assert sampled == [alone + "\n"] * 2
+    code, _, err = _cli(capsys, monkeypatch, "generate", where, "the cat", "--top-p", "0")
+    assert code == 2 and "top_p must be above 0" in err
+    code, out, err = _cli(capsys, monkeypatch, "chat", where, "--max-new-tokens", "5",
+                          stdin="hello\nagain\n/reset\nhello\n/exit\nnever\n")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[2] == "(history cleared)"
+    assert lines[3] == lines[0]  # after /reset the same message meets the same (empty) history
