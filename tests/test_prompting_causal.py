@@ -181,3 +181,22 @@ def test_generation_evaluation_parses_labels(tokenizer):
     result = evaluate_by_generation(causal_renderer(tokenizer), lm, [Example("a good film", None, "positive")] * 3,
                                     max_new_tokens=3)
     assert result["examples"] == 3 and 0 <= result["parsed"] <= 1 and len(result["answers"]) == 3
+
+
+@pytest.mark.parametrize("method", [None, "lora", "ia3"])
+def test_shared_prompt_scoring_equals_full_rows(tokenizer, method):
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    setup = prompting.PromptSetup(["review: {text} sentiment: {mask}", "{text} it was {mask}"], [VERBALIZER],
+                                  max_length=96, word_reduce="mean")
+    model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup,
+                                         MethodSpec(method) if method else None)
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    data = [Example("the film was good"), Example("a bad movie with a dull story and awful acting"), Example("fun")]
+    rendered = model.render(data, LABELS)
+    shared = prompting.score_rendered(model, rendered, batch_size=2)
+    model.share_prompts = False
+    full = prompting.score_rendered(model, rendered, batch_size=2)
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
