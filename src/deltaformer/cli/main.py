@@ -25,6 +25,7 @@ VERBS = (
     "demo",
     "convert_long",
     "plot_attention",
+    "serve",
 )
 
 

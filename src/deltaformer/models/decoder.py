@@ -27,7 +27,7 @@ from ..nn.kv_cache import CacheLayer, KVCache
 from ..nn.linear import Linear
 from ..nn.rope import Rotation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
-from .bert import check_token_ids, classification_loss, key_mask_from
+from .common import check_token_ids, classification_loss, key_mask_from
 
 
 @dataclass
