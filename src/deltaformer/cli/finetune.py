@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if args.instructions or args.few_shot or args.template:
         from .prompt_finetune import run_prompt_finetune
 
-        return run_prompt_finetune(args)
+        return run_prompt_finetune(args, method_from_args(args), train_config_from_args(args))
     if args.objective == "clm":
         return run_clm(args)
     results = finetune(spec_from_args(args))
