@@ -74,7 +74,8 @@ class Service:
         max_tokens = request.max_tokens
         if isinstance(request, ChatRequest):
             max_tokens = request.max_completion_tokens or max_tokens
-        default = self.settings.default_max_tokens if isinstance(request, CompletionRequest) else None
+        default = (min(self.settings.default_max_tokens, self.settings.max_tokens_limit)
+                   if isinstance(request, CompletionRequest) else None)
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of "
                            f"{self.settings.max_tokens_limit}: ask for fewer", param="max_tokens",
