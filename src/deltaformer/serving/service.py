@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from .registry import DeltaRegistry
 from .scheduler import Event, Scheduler, Sequence
 from .schemas import ChatRequest, CompletionRequest
 from .settings import ServeConfig
+
+#: How often a waiting request asks whether its client is still connected (seconds).
+DISCONNECT_CHECK_S = 0.25
 
 
 @dataclass
@@ -138,13 +142,18 @@ class Service:
         """The submitted job's events until every sequence has ended; leaving early (the client went away,
         the caller stopped iterating) takes the sequences out of the batch."""
         open_ = len(job.sequences)
+        checked = time.monotonic()
         try:
             while open_:
                 try:
-                    event = await asyncio.wait_for(job.queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(job.queue.get(), timeout=DISCONNECT_CHECK_S)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # tokens may flow without pause
+                    checked = time.monotonic()
                     if await disconnected():
                         return
+                if event is None:
                     continue
                 if event.error is not None:
                     raise event.error
