@@ -2,7 +2,7 @@
 
 The task is the built-in ``bbc-headlines`` (:func:`deltaformer.data.tasks.load_seq2seq_task`): article body ->
 its headline, fixed 80/10/10 splits stratified by topic. The model is
-:func:`deltaformer.models.led.led_from_bert` on ``minilm``: the encoder is MiniLM converted to a Longformer
+:func:`deltaformer.convert.led_from_bert` on ``minilm``: the encoder is MiniLM converted to a Longformer
 (``--max-source-length`` positions, one-sided ``--window``, [CLS] global), the decoder is warm-started from
 the same six BERT layers (self-attention made causal, feed-forward, LayerNorms, embeddings; cross-attention
 fresh), in MiniLM's WordPiece vocabulary ([CLS] starts, [SEP] ends, [PAD] pads).
@@ -103,9 +103,9 @@ def scored(name: str, predictions: list[str], references: list[str]) -> dict[str
 
 def run(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Build, train, generate and score; returns the model row, the baseline row and the comparison."""
+    from deltaformer.convert import led_from_bert
     from deltaformer.data.collate import Seq2SeqCollator, encode_pairs
     from deltaformer.data.tasks import load_seq2seq_task
-    from deltaformer.models.led import led_from_bert
     from deltaformer.tokenizer import AutoTokenizer
     from deltaformer.train.finetune import peak_memory_mb
     from deltaformer.train.seeding import seed_everything

@@ -4,7 +4,7 @@ The task is the built-in ``rt-reviews`` (Pang & Lee polarity v2.0, ~745 words a 
 splits), the question of the Longformer issue: does reading the whole review beat reading its first 512
 tokens, and at what cost in time and memory?
 
-* ``longformer``: ``minilm`` through :func:`~deltaformer.models.longformer.convert_bert_to_longformer`
+* ``longformer``: ``minilm`` through :func:`~deltaformer.convert.convert_bert_to_longformer`
   (``--max-length`` positions, one-sided ``--window``), fine-tuned on reviews truncated at ``--max-length``;
   its head is Longformer's (dense + tanh + out_proj on the global [CLS]), freshly initialised.
 * ``bert``: ``minilm`` as it is, fine-tuned on reviews truncated at 512 tokens (its position limit); its head
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def converted_model(args: argparse.Namespace) -> Path:
     """MiniLM as a Longformer of ``--max-length`` tokens, converted once per work folder."""
-    from deltaformer.models.longformer import convert_bert_to_longformer
+    from deltaformer.convert import convert_bert_to_longformer
 
     out = args.work / f"minilm-longformer-{args.max_length}-w{args.window}"
     if not (out / "model.safetensors").is_file():

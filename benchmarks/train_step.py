@@ -100,7 +100,7 @@ def checkpoint(model: str, work: Path) -> str:
 
     if model == "bert":
         return str(resolve_model_path("minilm"))
-    from deltaformer.models.longformer import convert_bert_to_longformer
+    from deltaformer.convert import convert_bert_to_longformer
 
     return str(convert_bert_to_longformer("minilm", 4096, 256, work / "minilm-longformer-4096"))
 

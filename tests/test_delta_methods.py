@@ -10,6 +10,7 @@ from torch import nn
 from deltaformer import delta
 from deltaformer.delta.base import DeltaError, DeltaWrapper, StackedDelta
 from deltaformer.models import BertModel
+from deltaformer.train.probe import layer_features
 
 from .test_delta_routing import padded_batch, perturb, sample, tiny_model
 
@@ -336,7 +337,7 @@ def test_trainable_summary_counts_bitfit_by_hand():
 def test_layer_features_layers_and_cls():
     model = tiny_model().train()
     batches = [padded_batch(), padded_batch((5, 3))]
-    features = delta.layer_features(model, batches)
+    features = layer_features(model, batches)
     assert features.shape == (3, 6, 32) and not features.requires_grad
     assert model.training  # the caller's mode is restored
     with torch.no_grad():
@@ -345,16 +346,16 @@ def test_layer_features_layers_and_cls():
     torch.testing.assert_close(features[0, :4], states[0][:, 0])  # layer 0 = the embedding output
     torch.testing.assert_close(features[2, :4], states[2][:, 0])
     with pytest.raises(delta.DeltaError, match="pooling 'max'"):
-        delta.layer_features(model, batches, pooling="max")
+        layer_features(model, batches, pooling="max")
 
 
 def test_layer_features_mean_pooling_ignores_padding():
     model = BertModel(tiny_model().config)
     batch = padded_batch()
     batch["input_ids"] = batch["input_ids"] + 500 * (1 - batch["attention_mask"])  # padding ids are not 0
-    features = delta.layer_features(model, [batch], pooling="mean")
+    features = layer_features(model, [batch], pooling="mean")
     for b in range(4):
-        alone = delta.layer_features(model, [sample(batch, b)], pooling="mean")
+        alone = layer_features(model, [sample(batch, b)], pooling="mean")
         torch.testing.assert_close(features[:, b], alone[:, 0], atol=1e-5, rtol=0)
 
 
@@ -366,15 +367,15 @@ def test_layer_features_mean_pooling_with_routed_prompt_deltas():
     batch = padded_batch()
     names = ["p3", None, "p5", "p3"]
     with delta.route(model, names):
-        features = delta.layer_features(model, [batch], pooling="mean")
+        features = layer_features(model, [batch], pooling="mean")
     for b, name in enumerate(names):
         delta.set_active(model, name)
-        alone = delta.layer_features(model, [sample(batch, b)], pooling="mean")
+        alone = layer_features(model, [sample(batch, b)], pooling="mean")
         torch.testing.assert_close(features[:, b], alone[:, 0], atol=1e-5, rtol=0)
 
 
 def test_layer_features_needs_input_ids_and_an_encoder():
     with pytest.raises(delta.DeltaError, match="no input_ids"):
-        delta.layer_features(tiny_model(), [{"attention_mask": torch.ones(1, 3)}])
+        layer_features(tiny_model(), [{"attention_mask": torch.ones(1, 3)}])
     with pytest.raises(delta.DeltaError, match="no encoder layers"):
-        delta.layer_features(nn.Linear(2, 2), [])
+        layer_features(nn.Linear(2, 2), [])

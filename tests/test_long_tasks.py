@@ -60,8 +60,8 @@ def test_encode_pairs_ends_targets_with_eos():
 
 @pytest.mark.assets
 def test_led_from_bert_encoder_is_the_bert_and_decoder_is_warm_started(minilm_dir):
+    from deltaformer.convert import led_from_bert
     from deltaformer.models.auto import load_model
-    from deltaformer.models.led import led_from_bert
 
     led = led_from_bert(minilm_dir, max_source_length=256, window=64, max_target_length=32).eval()
     bert = load_model(minilm_dir).eval()

@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from deltaformer.cli.main import main
+from deltaformer.convert import convert_bert_to_longformer
 from deltaformer.errors import ConfigError
 from deltaformer.models import BertForSequenceClassification, BertModel
-from deltaformer.models.longformer import (
-    LongformerForSequenceClassification,
-    LongformerModel,
-    convert_bert_to_longformer,
-)
+from deltaformer.models.longformer import LongformerForSequenceClassification, LongformerModel
 
 from .conftest import make_hf_bert
 

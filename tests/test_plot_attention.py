@@ -61,7 +61,7 @@ def test_pattern_png_is_written(tmp_path, capsys):
 
 @pytest.mark.parametrize("convert", [True, False])
 def test_model_heatmap(tmp_path, minilm_dir, convert):
-    from deltaformer.models.longformer import convert_bert_to_longformer
+    from deltaformer.convert import convert_bert_to_longformer
 
     model = convert_bert_to_longformer(minilm_dir, 128, 4, tmp_path / "long") if convert else minilm_dir
     out = tmp_path / "heat.png"

@@ -174,6 +174,35 @@ def test_routed_patterns_equal_each_pattern_alone(tokenizer):
     assert not torch.allclose(together[0], together[1])
 
 
+@pytest.mark.parametrize("method, options", [("prompt", {"num_virtual_tokens": 3}), ("prefix", {"prefix_length": 2}),
+                                             ("ia3", {}), ("adapter", {"bottleneck": 8})])
+def test_patterns_under_any_method_read_their_masks(tokenizer, method, options):
+    """Routed scores equal each row run alone under its delta, read at its mask (after any prepended tokens)."""
+    lm = tiny_mlm(tokenizer)
+    setup = prompting.PromptSetup(["{text} it was {mask} .", "{mask} ! {text}"], [VERBALIZER], max_length=64)
+    model = prompting.build_prompt_model(lm, tokenizer, "mlm", LABELS, setup, MethodSpec(method, options))
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    data = examples(3)
+    together = prompting.score_rendered(model, model.render(data, LABELS))
+    with torch.no_grad():
+        for i, pvp in enumerate(model.pvps):
+            delta.set_active(lm, pvp.delta_names)
+            expected = []
+            for e in data:
+                item = pvp.renderer.render(e)
+                picked = []
+                for w, pos in enumerate(item.positions):
+                    logits = lm(input_ids=torch.tensor([item.rows[pvp.renderer.word_row[w]]])).logits[0]
+                    picked.append(logits[torch.tensor(pos) + pvp.offset])
+                length = pvp.scorer.tokens.shape[1]
+                picked = torch.stack([torch.nn.functional.pad(x, (0, 0, 0, length - len(x))) for x in picked])
+                expected.append(pvp.scorer.class_scores(picked[None])[0])
+            torch.testing.assert_close(together[i], torch.stack(expected), atol=1e-5, rtol=0)
+    assert model.pvps[0].offset == (3 if method == "prompt" else 0)
+
+
 # --- calibration and demonstrations -----------------------------------------------------------------
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from deltaformer import prompting
+from deltaformer import delta, prompting
+from deltaformer.config import GPT2Config
 from deltaformer.data.tabular import Example
+from deltaformer.models import GPT2LMHeadModel
 from deltaformer.prompting.chat import PLAIN, ChatFormat
 from deltaformer.prompting.instructions import Conversation
 from deltaformer.prompting.sft import CausalLMObjective, LMCollator, encode_conversation
 from deltaformer.tokenizer import train_tokenizer
 from deltaformer.train import TrainConfig, Trainer
+from deltaformer.train.methods import MethodSpec
 
 LABELS = ["negative", "positive"]
 CORPUS = ["the film was good and the plot was great", "a bad movie with awful acting and a dull story",
@@ -30,23 +32,12 @@ def tokenizer():
     return train_tokenizer(CORPUS, kind="bpe", vocab_size=300, min_frequency=1, lowercase=False)
 
 
-class TinyCausal(nn.Module):
-    """A random GPT-2 (transformers, the test oracle) behind the decoder interface: ``.logits``."""
-
-    hf_architecture = "GPT2LMHeadModel"
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        import transformers
-
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
-        self.hf = transformers.GPT2LMHeadModel(config).eval()
-        self.config = config
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask)
+def tiny_gpt2(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
+    """A random 2-layer GPT-2 without dropout; weights at std 0.2 so log-probabilities differ visibly."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
+    return GPT2LMHeadModel(config).eval()
 
 
 VERBALIZER = {"negative": ["bad", "awful acting"], "positive": ["good", "great"]}
@@ -71,7 +62,7 @@ def test_answer_continues_the_prompt_with_its_leading_space(tokenizer):
 
 @pytest.mark.parametrize("word_reduce", ["sum", "mean"])
 def test_causal_scores_equal_a_hand_loop(tokenizer, word_reduce):
-    lm = TinyCausal(len(tokenizer.get_vocab()))
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
     r = causal_renderer(tokenizer)
     model = prompting.PromptModel(lm, [prompting.PVP.build(r, word_reduce=word_reduce)])
     data = [Example("the film was good"), Example("a bad movie with a dull story and awful acting")]
@@ -121,7 +112,7 @@ def test_plain_format_ends_replies_with_eos(tokenizer):
 
 
 def test_instruction_tuning_lowers_the_reply_loss_through_the_trainer(tokenizer, tmp_path):
-    lm = TinyCausal(len(tokenizer.get_vocab()))
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
     convs = [Conversation(({"role": "user", "content": f"hello {w}"}, {"role": "assistant", "content": w}))
              for w in ("good", "great", "bad", "awful")] * 4
     data = [encode_conversation(tokenizer, CHAT, c, 64) for c in convs]
@@ -139,3 +130,54 @@ def test_instruction_tuning_lowers_the_reply_loss_through_the_trainer(tokenizer,
     labels = batch["labels"]
     picked = [-full[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, labels.shape[1]) if labels[b, t] != -100]
     torch.testing.assert_close(objective(**batch).loss, torch.stack(picked).mean(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"rank": 4}), ("prompt", {"num_virtual_tokens": 2}),
+                                             ("prefix", {"prefix_length": 2})])
+def test_routed_patterns_on_a_decoder_read_their_answers(tokenizer, method, options):
+    """Two patterns under two deltas of a decoder, one routed batch, equal each row alone under its delta."""
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    setup = prompting.PromptSetup(["review: {text} sentiment: {mask}", "{text} it was {mask}"], [VERBALIZER],
+                                  max_length=96, class_reduce="logsumexp")
+    model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup, MethodSpec(method, options))
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    data = [Example("the film was good"), Example("a dull story")]
+    together = prompting.score_rendered(model, model.render(data, LABELS))
+    with torch.no_grad():
+        for i, pvp in enumerate(model.pvps):
+            delta.set_active(lm, pvp.delta_names)
+            for n, e in enumerate(data):
+                item = pvp.renderer.render(e)
+                words = []
+                for w, row in enumerate(item.rows):
+                    logp = lm(torch.tensor([row])).logits[0].log_softmax(-1)
+                    ids = pvp.renderer.word_ids[w]
+                    words.append(sum(logp[p + pvp.offset, t].item() for p, t in zip(item.positions[w], ids)))
+                per_class = [torch.tensor([s for s, c in zip(words, pvp.renderer.word_class) if c == k]).logsumexp(0)
+                             for k in range(2)]
+                torch.testing.assert_close(together[i][n], torch.stack(per_class), atol=1e-5, rtol=0)
+
+
+def test_the_reply_loss_equals_the_models_own_shifted_loss(tokenizer):
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    convs = [Conversation(({"role": "user", "content": "hello there"}, {"role": "assistant", "content": w}))
+             for w in ("good", "awful acting")]
+    batch = LMCollator(tokenizer.pad_token_id)([encode_conversation(tokenizer, CHAT, c, 64) for c in convs])
+    with torch.no_grad():
+        ours = CausalLMObjective(lm)(**batch).loss
+        theirs = lm(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_generation_evaluation_parses_labels(tokenizer):
+    from deltaformer.prompting.generation_eval import evaluate_by_generation, parse_label
+
+    verb = prompting.Verbalizer.parse(VERBALIZER, LABELS)
+    assert parse_label("I think it is Good, not bad", verb) == 1  # the first label word found wins
+    assert parse_label("awful acting but good", verb) == 0 and parse_label("goodness", verb) is None
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    result = evaluate_by_generation(causal_renderer(tokenizer), lm, [Example("a good film", None, "positive")] * 3,
+                                    max_new_tokens=3)
+    assert result["examples"] == 3 and 0 <= result["parsed"] <= 1 and len(result["answers"]) == 3

@@ -59,3 +59,15 @@ def test_instruction_file_with_a_broken_line_names_it(tmp_path, capsys):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n', encoding="utf-8")
     assert main(["finetune", "tiny-mlm", "--instructions", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "data.jsonl:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_pet_with_full_fine_tuning_and_soft_tokens_round_trips(tmp_path, capsys):
+    out = tmp_path / "full"
+    assert main(["finetune", "tiny-mlm", "--task", "rt-polarity", "--few-shot", "4", "--template",
+                 "{soft:2} {text} It was {mask}.", "--verbalizer", WORDS, "--method", "full", "--max-steps", "1",
+                 "--batch-size", "4", "--test-limit", "4", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "model" / "model.safetensors").is_file() and (out / "deltas" / "pvp0-soft").is_dir()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--task", "rt-polarity", "--limit", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == results["test"]["accuracy"]

@@ -22,3 +22,7 @@ class InputError(DeltaformerError, ValueError):
 
 class PromptError(DeltaformerError, ValueError):
     """A prompt template, verbalizer, demonstration set or instruction file cannot be used as given."""
+
+
+class DeltaError(DeltaformerError):
+    """A delta cannot be attached, routed, merged, saved or loaded; the message says what to do."""

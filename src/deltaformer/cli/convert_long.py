@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models.longformer import convert_bert_to_longformer
+from ..convert.longformer import convert_bert_to_longformer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--task", choices=sorted(TASKS), help="built-in task to score on")
     src.add_argument("--test", type=Path, help="labelled .csv/.tsv/.jsonl file (the run's text/label fields)")
     p.add_argument("--split", choices=SPLITS, default="test", help="split of --task (or of the run's task)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per batch (default 64; 8 with prompts, each example being several rows)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows that cannot be scored")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not encoded:
         raise ConfigError(f"nothing to evaluate in {source}: every row was skipped")
     result = evaluate(loaded.model, encoded, PadCollator(loaded.tokenizer.pad_token_id or 0), len(loaded.labels),
-                      args.batch_size)
+                      args.batch_size or 64)
     result = {"data": source, **result, "skipped_rows": len(skipped)}
     if skipped:
         print(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}", file=sys.stderr)
@@ -93,7 +94,7 @@ def run_prompts(args: argparse.Namespace) -> int:
                             args.class_reduce, args.chat)
     spec = TaskEvalSpec(str(args.run_dir), args.task, setup, args.split, args.shots, args.demos, args.seed,
                         args.calibrate, args.encoder, args.demo_max_tokens, args.overflow, args.limit,
-                        args.batch_size, args.device, args.generate)
+                        args.batch_size or 8, args.device, args.generate)
     result = evaluate_task(spec)
     if args.json:
         print(json.dumps(result))

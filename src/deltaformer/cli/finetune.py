@@ -15,7 +15,7 @@ from pathlib import Path
 from ..data.tabular import Fields
 from ..data.tasks import TASKS
 from ..train.finetune import FinetuneSpec, finetune
-from ..train.methods import DEFAULT_LR, METHODS, MethodSpec
+from ..train.methods import DEFAULT_LR, METHODS, MethodSpec, all_options, method_options
 from ..train.schedule import SCHEDULES
 from ..train.trainer import PLOT, TrainConfig
 
@@ -64,19 +64,22 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
+    """``--method`` and one flag per method option, built from the methods' config fields."""
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=default, help="what to train")
-    g.add_argument("--rank", type=int, help="LoRA rank r (default 16)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
-    g.add_argument("--dropout", type=float, help="dropout inside the delta (LoRA default 0.1)")
-    g.add_argument("--targets", help="comma-separated module names the delta wraps, e.g. query,value or "
-                   "all-linear (LoRA default query,value)")
-    g.add_argument("--bottleneck", type=int, help="adapter bottleneck size (default 64)")
-    g.add_argument("--prefix-length", type=int, help="prefix / P-tuning v2 key-value slots (default 16)")
-    g.add_argument("--num-virtual-tokens", type=int, help="prompt / P-tuning soft tokens (default 16)")
-    g.add_argument("--projection", action="store_true", default=None,
-                   help="prefix tuning through peft's MLP reparameterisation (folded into plain slots when saved); "
-                   "it wants a far lower learning rate than the slots alone")
+    for name, (option, methods) in all_options().items():
+        flag = "--" + name.replace("_", "-")
+        defaults = {m: method_options(m)[name].default for m in methods}
+        shown = ", ".join(f"{m} {_shown(d)}" for m, d in defaults.items() if d is not None)
+        text = f"{option.help} ({', '.join(methods)}{'; default ' + shown if shown else ''})"
+        if option.kind is bool:
+            g.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            g.add_argument(flag, type=str if option.kind is list else option.kind, help=text)
+
+
+def _shown(value: object) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
@@ -85,8 +88,7 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="examples per step and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 5e-5 for full, 2e-3 for LoRA, 1e-3 for adapters/BitFit, "
-                   "3e-3 for IA3 and prompts)")
+                   help="peak learning rate (default: " + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warmup")
     g.add_argument("--schedule", choices=SCHEDULES, default="linear", help="decay after warmup")
@@ -128,17 +130,15 @@ def add_prompt_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def method_from_args(args: argparse.Namespace) -> MethodSpec:
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    options = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "targets": targets,
-               "bottleneck": args.bottleneck, "prefix_length": args.prefix_length,
-               "num_virtual_tokens": args.num_virtual_tokens, "projection": args.projection}
-    relevant = {
-        "lora": ("rank", "alpha", "dropout", "targets"), "adapter": ("bottleneck", "dropout", "targets"),
-        "prefix": ("prefix_length", "projection"), "ptuning2": ("prefix_length",), "prompt": ("num_virtual_tokens",),
-        "ptuning": ("num_virtual_tokens",), "ia3": ("targets",), "bitfit": (), "full": (), "probe": (),
-    }[args.method]
-    given = {k: v for k, v in options.items() if v is not None}
-    unused = sorted(set(given) - set(relevant))
+    options = all_options()
+    given: dict[str, object] = {}
+    for name, (option, _) in options.items():
+        value = getattr(args, name)
+        if value is not None and option.kind is list:
+            value = [t.strip() for t in value.split(",") if t.strip()] or None
+        if value is not None:
+            given[name] = value
+    unused = sorted(set(given) - set(method_options(args.method)))
     if unused:
         from ..errors import ConfigError
 

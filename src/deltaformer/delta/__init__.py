@@ -8,12 +8,17 @@
     delta.save_delta(model, "out/sst", "sst")          # peft's files for LoRA, IA3, prompt and prefix tuning
 
 One module per method (``lora``, ``ia3``, ``bitfit``, ``adapter``, ``prefix``, ``prompt``, ``ptuning``); the
-shared mechanism is in ``base`` (stacked parts, routing), ``hooks`` (input-side deltas) and ``files``;
-``probe.layer_features`` pools every layer's hidden states for probing studies.
+shared mechanism, one job per module: ``config`` (DeltaConfig), ``routing`` (the router and its selections),
+``parts`` (the stacked store), ``wrappers`` (wrapped Linear/LayerNorm and the parts inside them), ``hooks``
+(input-side stores in the prompt hook), ``host`` (the :class:`~.host.DeltaHost` protocol a model
+implements), ``targets`` (module matching and HF names), ``method`` (the Method interface and registry),
+``ops`` (tensor helpers), ``api`` (the verbs) and ``files`` (peft's format). ``base`` only re-exports the
+names it used to define. Probing (``layer_features``) is a training mode: :mod:`deltaformer.train.probe`.
 """
 
 from __future__ import annotations
 
+from ..errors import DeltaError
 from .adapter import AdapterConfig
 from .api import (
     active,
@@ -33,13 +38,13 @@ from .api import (
     unload,
     unmerge,
 )
-from .base import METHODS, DeltaConfig, DeltaError, method_for
 from .bitfit import BitFitConfig
+from .config import DeltaConfig
 from .files import load_delta, read_delta_files, save_delta
 from .ia3 import IA3Config
 from .lora import LoraConfig
+from .method import METHODS, method_for
 from .prefix import PrefixConfig, PTuningV2Config
-from .probe import layer_features
 from .prompt import PromptConfig
 from .ptuning import PTuningConfig
 
@@ -71,7 +76,6 @@ __all__ = [
     "format_summary",
     "freeze_base",
     "head_parameters",
-    "layer_features",
     "load_delta",
     "merge",
     "merge_and_unload",

@@ -11,26 +11,21 @@ Adapters cannot merge: the non-linearity sits between two matrices, so no single
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    DeltaWrapper,
-    Selection,
-    StackedDelta,
-    WrapperMethod,
-    check_shape,
-    kaiming_rows,
-    match_targets,
-    register,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
+from .method import WrapperMethod, register
+from .ops import check_shape, kaiming_rows
+from .routing import DeltaRouter, Selection
+from .targets import match_targets
+from .wrappers import DeltaWrapper, LayerPart
 
 #: Non-linearities with act(0) == 0 (zero padding of smaller adapters stays exact).
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
@@ -43,13 +38,17 @@ class AdapterConfig(DeltaConfig):
     ``bottleneck``: size r; ``residual``: add the adapter to its input (False: replace it)."""
 
     method: ClassVar[str] = "adapter"
-    kind: str = "houlsby"
-    bottleneck: int = 64
-    non_linearity: str = "relu"
-    residual: bool = True
-    targets: tuple[str, ...] | None = None
-    layers: tuple[int, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 1e-3
+    kind: str = field(default="houlsby", metadata={"help": "houlsby (after attention and feed-forward) or pfeiffer"})
+    bottleneck: int = field(default=64, metadata={"help": "adapter bottleneck size", "cli": "bottleneck",
+                                                   "finetune": 64, "aliases": ("reduction", "hidden")})
+    non_linearity: str = field(default="relu", metadata={"help": "activation between the two projections"})
+    residual: bool = field(default=True, metadata={"help": "add the adapter to its input (False: replace it)"})
+    targets: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "modules the adapters follow (None: those of kind)", "cli": "targets"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.kind not in PLACES:
@@ -60,7 +59,7 @@ class AdapterConfig(DeltaConfig):
             raise DeltaError(f"adapter bottleneck {self.bottleneck} must be at least 1")
 
 
-class AdapterPart(StackedDelta):
+class AdapterPart(LayerPart[AdapterConfig]):
     method = "adapter"
     stacked = ("down", "down_bias", "up", "up_bias")
     slot_lists = ("sizes", "acts", "residuals")
@@ -73,7 +72,7 @@ class AdapterPart(StackedDelta):
         self.residuals: list[bool] = []
         self.register_buffer("residual_vec", torch.zeros(0), persistent=False)
 
-    def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper) -> None:
+    def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
         r, like = config.bottleneck, wrapper.weight
         bound = 1 / math.sqrt(self.dim)
         rows = {
@@ -140,7 +139,7 @@ class AdapterPart(StackedDelta):
         return self.sizes[slot] * (2 * self.dim + 1) + self.dim
 
 
-class Adapter(WrapperMethod):
+class Adapter(WrapperMethod[AdapterConfig, AdapterPart]):
     name = "adapter"
     config_class = AdapterConfig
     peft_type = "DELTAFORMER_ADAPTER"
@@ -148,7 +147,10 @@ class Adapter(WrapperMethod):
     part_class = AdapterPart
     part_keys = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
 
-    def targets(self, model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> AdapterPart:
+        return AdapterPart(router, wrapper)
+
+    def targets(self, model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:
         names = config.targets if config.targets is not None else PLACES[config.kind]
         return {p: {} for p in match_targets(model, names, (nn.Linear,), config.layers)}
 

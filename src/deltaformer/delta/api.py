@@ -1,7 +1,8 @@
 """The user-facing verbs: attach, detach, activate, route, bare, freeze, merge, summarise.
 
 Every function takes the model (a bare backbone or a task model) and finds its shared
-:class:`~deltaformer.delta.base.DeltaRouter`; none of them changes a forward signature.
+:class:`~deltaformer.delta.routing.DeltaRouter` and changes it through the router's own methods; none of them
+changes a forward signature.
 """
 
 from __future__ import annotations
@@ -14,22 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    BARE,
-    PART_ORDER,
-    DeltaConfig,
-    DeltaError,
-    DeltaInfo,
-    DeltaRouter,
-    DeltaWrapper,
-    StackedDelta,
-    find_router,
-    get_router,
-    head_paths,
-    method_for,
-    module_type,
-    require_router,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
+from .host import drop_router, find_router, get_router, require_router
+from .method import method_for
+from .parts import StackedDelta
+from .routing import BARE, DeltaRouter
+from .targets import head_paths, module_type
+from .wrappers import PART_ORDER, DeltaWrapper
 
 NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -48,18 +41,16 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.M
     if name in router.deltas:
         raise DeltaError(f"a delta named {name!r} is already attached: detach it first or choose another name")
     method = method_for(config.method)
-    router.deltas[name] = DeltaInfo(method.name, config)
+    router.add(name, method.name, config)
     try:
         method.attach(model, config, name, router)
     except Exception:
         try:
             method.detach(model, name)
         finally:
-            del router.deltas[name]
-            router.changed()
+            router.remove(name)
         raise
-    router.active = (name,)
-    router.changed()
+    router.activate((name,))
     return model
 
 
@@ -69,9 +60,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     if name in router.merged:
         unmerge(model, name)
     method_for(router.deltas[name].method).detach(model, name)
-    del router.deltas[name]
-    router.active = tuple(n for n in router.active if n != name)
-    router.changed()
+    router.remove(name)
     return model
 
 
@@ -84,10 +73,7 @@ def deltas(model: nn.Module) -> dict[str, str]:
 def set_active(model: nn.Module, names: str | Sequence[str] | None) -> nn.Module:
     """Deltas applied to every sample when no :func:`route` is in force (several compose; none = bare)."""
     router = require_router(model)
-    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-    router.check_names(names)
-    router.active = names
-    router.changed()
+    router.activate(() if names is None else (names,) if isinstance(names, str) else tuple(names))
     return model
 
 
@@ -103,22 +89,18 @@ def bare(model: nn.Module) -> Iterator[nn.Module]:
     if router is None:
         yield model
         return
-    _refuse_merged(router, "run the bare model")
-    router.bare += 1
-    router.changed()
-    try:
+    with router.bare():
         yield model
-    finally:
-        router.bare -= 1
-        router.changed()
 
 
 @contextmanager
 def route(model: nn.Module, names: Sequence[str | None] | Tensor) -> Iterator[Tensor]:
     """Give each sample of the next forwards its own delta: ``names[b]`` (None = the bare model).
 
-    ``names`` may also be a (batch,) tensor of positions in attach order with -1 for bare. Yields the
-    router's index tensor. Each part gathers its slices by this index; no Python loop over samples.
+    ``names`` may also be a (batch,) tensor of positions in attach order with -1 for bare. Yields that
+    (batch,) tensor of positions (for the caller's bookkeeping; nothing in the model reads it): each part
+    turns the routed names into an index of its own slots, once per routing block, and gathers by it, with
+    no Python loop over samples.
     """
     router = require_router(model)
     order = list(router.deltas)
@@ -128,24 +110,8 @@ def route(model: nn.Module, names: Sequence[str | None] | Tensor) -> Iterator[Te
             raise DeltaError(f"route index must hold positions 0..{len(order) - 1} or {BARE}: got {positions}")
         names = [order[p] if p != BARE else None for p in positions]
     names = tuple(names)
-    router.check_names(names)
-    _refuse_merged(router, "route samples to deltas")
-    saved = (router.route_names, router.index)
-    router.route_names = names
-    router.index = torch.tensor([order.index(n) if n is not None else BARE for n in names], dtype=torch.long)
-    router.changed()
-    try:
-        yield router.index
-    finally:
-        router.route_names, router.index = saved
-        router.changed()
-
-
-def _refuse_merged(router: DeltaRouter, what: str) -> None:
-    merged = router.merged
-    if merged:
-        raise DeltaError(f"cannot {what} while delta(s) {', '.join(sorted(merged))} are merged into the base "
-                         "weights: unmerge(model, name) first")
+    with router.routing(names):
+        yield torch.tensor([order.index(n) if n is not None else BARE for n in names], dtype=torch.long)
 
 
 def _router_with(model: nn.Module, name: str) -> DeltaRouter:
@@ -163,11 +129,10 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     stops applying on its own, so outputs do not change. LoRA, IA3 and BitFit can; others raise why not."""
     router = require_router(model)
     for n in _in_part_order(router, _names(router, name)):
-        if n in _merged(router):
+        if n in router.merged:
             continue
         method_for(router.deltas[n].method).merge(model, n, +1.0)
-        _merged(router)[n] = None
-    router.changed()
+        router.record_merge(n)
     return model
 
 
@@ -179,8 +144,7 @@ def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
         _check_unmerge_order(router, name)
     for n in _names(router, name, merged_only=True):
         method_for(router.deltas[n].method).merge(model, n, -1.0)
-        _merged(router).pop(n)
-    router.changed()
+        router.record_unmerge(n)
     return model
 
 
@@ -224,13 +188,8 @@ def unload(model: nn.Module) -> nn.Module:
         return model
     for n in list(router.deltas):
         method_for(router.deltas[n].method).detach(model, n)
-        del router.deltas[n]
-    router.active = ()
-    _merged(router).clear()
-    router.changed()
-    for module in model.modules():
-        if getattr(module, "delta_router", None) is router:
-            del module.delta_router
+    router.clear()
+    drop_router(model, router)
     return model
 
 
@@ -241,16 +200,12 @@ def _in_part_order(router: DeltaRouter, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: rank.get(router.deltas[n].method, len(rank)))
 
 
-def _merged(router: DeltaRouter) -> dict[str, None]:
-    return router.merged
-
-
 def _names(router: DeltaRouter, name: str | None, merged_only: bool = False) -> list[str]:
     if name is not None:
         if name not in router.deltas:
             raise DeltaError(f"no delta named {name!r} is attached: attached are {', '.join(router.deltas)}")
-        return [name] if not merged_only or name in _merged(router) else []
-    pool = list(reversed(_merged(router))) if merged_only else list(router.active)  # undo the latest first
+        return [name] if not merged_only or name in router.merged else []
+    pool = list(reversed(router.merged)) if merged_only else list(router.active)  # undo the latest first
     if not pool and not merged_only:
         raise DeltaError("no delta is active to merge: name one, merge(model, 'name')")
     return pool

@@ -8,23 +8,18 @@ Targets: every Linear and LayerNorm bias of the backbone, or the named subset (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaRouter,
-    DeltaWrapper,
-    Selection,
-    StackedDelta,
-    WrapperMethod,
-    check_shape,
-    match_targets,
-    per_sample,
-    register,
-)
+from .config import DeltaConfig
+from .method import WrapperMethod, register
+from .ops import check_shape, per_sample
+from .routing import DeltaRouter, Selection
+from .targets import match_targets
+from .wrappers import DeltaWrapper, LayerPart
 
 
 @dataclass
@@ -32,12 +27,15 @@ class BitFitConfig(DeltaConfig):
     """``targets``: None = every bias of the backbone (Linear and LayerNorm), else module names."""
 
     method: ClassVar[str] = "bitfit"
-    targets: tuple[str, ...] | str | None = None
-    layers: tuple[int, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 1e-3
+    targets: tuple[str, ...] | str | None = field(default=None, metadata={
+        "help": "modules whose biases train (None: every bias of the backbone)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
 
-class BitFitPart(StackedDelta):
+class BitFitPart(LayerPart[BitFitConfig]):
     method = "bitfit"
     stacked = ("delta",)
 
@@ -45,7 +43,7 @@ class BitFitPart(StackedDelta):
         super().__init__(router)
         self.dim = wrapper.out_features
 
-    def add_slot(self, name: str, config: BitFitConfig, wrapper: DeltaWrapper) -> None:
+    def add_slot(self, name: str, config: BitFitConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
         self.stack_add(name, {"delta": wrapper.bias.new_zeros(self.dim).detach()})
 
     def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
@@ -62,7 +60,7 @@ class BitFitPart(StackedDelta):
         self.delta.data[s].copy_(tensors["bitfit.bias"])
 
 
-class BitFit(WrapperMethod):
+class BitFit(WrapperMethod[BitFitConfig, BitFitPart]):
     name = "bitfit"
     config_class = BitFitConfig
     peft_type = "DELTAFORMER_BITFIT"
@@ -70,7 +68,10 @@ class BitFit(WrapperMethod):
     part_class = BitFitPart
     part_keys = ("bitfit.bias",)
 
-    def targets(self, model: nn.Module, config: BitFitConfig) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> BitFitPart:
+        return BitFitPart(router, wrapper)
+
+    def targets(self, model: nn.Module, config: BitFitConfig) -> dict[str, dict[str, Any]]:
         kinds = (nn.Linear, nn.LayerNorm)
         paths = match_targets(model, config.targets if config.targets is not None else r".*", kinds, config.layers)
         return {p: {} for p in paths if model.get_submodule(p).bias is not None}

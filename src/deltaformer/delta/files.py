@@ -24,19 +24,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..checkpoints.io import atomic_write, save_state_dict
-from .base import (
-    METHODS,
-    PEFT_PREFIX,
-    DeltaConfig,
-    DeltaError,
-    Method,
-    check_shape,
-    head_paths,
-    hf_name,
-    method_for,
-    our_name_from_hf,
-    require_router,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
+from .host import host_or_none, require_router
+from .method import METHODS, PEFT_PREFIX, Method, method_for
+from .ops import check_shape
+from .targets import head_paths, hf_name, our_name_from_hf
 
 log = logging.getLogger("deltaformer")
 
@@ -51,7 +44,8 @@ TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": 
 
 def task_type(model: nn.Module, prompt_learning: bool) -> str | None:
     """peft's ``task_type`` for this model class; prompt learning on a bare encoder is feature extraction."""
-    arch = getattr(model, "hf_architecture", "")
+    host = host_or_none(model)
+    arch = host.hf_architecture if host is not None else ""
     for suffix, kind in TASK_TYPES.items():
         if arch.endswith(suffix):
             return kind
@@ -59,9 +53,8 @@ def task_type(model: nn.Module, prompt_learning: bool) -> str | None:
 
 
 def base_model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    extra = getattr(config, "extra", None) or {}
-    return extra.get("_name_or_path") or None
+    host = host_or_none(model)
+    return (host.config.extra.get("_name_or_path") or None) if host is not None else None
 
 
 def save_delta(model: nn.Module, directory: str | Path, name: str = "default") -> Path:

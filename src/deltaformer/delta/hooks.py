@@ -11,37 +11,59 @@ equals running it alone; the extra padding at the end is masked out.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 
-from .base import DeltaError, StackedDelta, backbone_of
+from ..errors import DeltaError
+from .host import backbone_of
+from .parts import StackedDelta
 
 #: Order in which input-side stores run.
 CHAIN_ORDER = ("ptuning", "prompt", "prefix")
+
+#: What the prompt hook passes along: embeddings, attention mask, token types, position ids (or None).
+Prompted = tuple[Tensor, Tensor, Tensor, Tensor | None]
+
+
+class InputStore(StackedDelta, ABC):
+    """What an input-side method's store must provide (prompt tuning, P-tuning, prefix positions)."""
+
+    @abstractmethod
+    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+              positions: Tensor | None) -> Prompted:
+        """Change the embedded input for this batch's selection; ``input_ids`` is None once an earlier
+        store changed the sequence length (ids no longer line up with embeddings)."""
 
 
 class PromptChain(nn.Module):
     """``prompt(input_ids, embeds, mask, token_types) -> (embeds, mask, token_types, position_ids | None)``."""
 
-    def forward(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor):
+    def stores(self) -> list[InputStore]:
+        return [store for m in CHAIN_ORDER if isinstance(store := self._modules.get(m), InputStore)]
+
+    def forward(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor) -> Prompted:
         positions = None
         length = embeds.shape[1]
-        for method in CHAIN_ORDER:
-            store = self._modules.get(method)
-            if store is None:
-                continue
+        for store in self.stores():
             ids = input_ids if embeds.shape[1] == length else None
-            embeds, mask, types, positions = store.apply(ids, embeds, mask, types, positions)  # type: ignore[operator]
+            embeds, mask, types, positions = store.apply(ids, embeds, mask, types, positions)
         return embeds, mask, types, positions
 
 
-def chain_store(model: nn.Module, method: str, make) -> StackedDelta:
+S = TypeVar("S", bound=InputStore)
+
+
+def chain_store(model: nn.Module, method: str, kind: type[S], make: Callable[[], S]) -> S:
     """The input-side store of ``method`` on the model's backbone, created (with the chain) on first use."""
     backbone = backbone_of(model)
-    chain = backbone.prompt
+    chain = backbone.prompt_hook()
     if chain is None:
         chain = PromptChain()
-        backbone.prompt = chain
+        backbone.set_prompt_hook(chain)
     elif not isinstance(chain, PromptChain):
         raise DeltaError(f"the backbone's prompt hook is already a {type(chain).__name__}: remove it before "
                          "attaching prompt-based deltas")
@@ -49,20 +71,22 @@ def chain_store(model: nn.Module, method: str, make) -> StackedDelta:
     if store is None:
         store = make()
         chain.add_module(method, store)
-    return store  # type: ignore[return-value]
+    assert isinstance(store, kind)
+    return store
 
 
-def find_store(model: nn.Module, method: str) -> StackedDelta | None:
+def find_store(model: nn.Module, method: str, kind: type[S]) -> S | None:
     try:
-        chain = backbone_of(model).prompt
+        chain = backbone_of(model).prompt_hook()
     except DeltaError:
         return None
-    return chain._modules.get(method) if isinstance(chain, PromptChain) else None  # type: ignore[return-value]
+    store = chain._modules.get(method) if isinstance(chain, PromptChain) else None
+    return store if isinstance(store, kind) else None
 
 
-def store_holding(model: nn.Module, method: str, name: str) -> StackedDelta:
+def store_holding(model: nn.Module, method: str, name: str, kind: type[S]) -> S:
     """The input-side store of ``method`` that holds delta ``name`` (an attached delta always has one)."""
-    store = find_store(model, method)
+    store = find_store(model, method, kind)
     if store is None or name not in store.slots:
         raise DeltaError(f"no {method} delta named {name!r} is attached to this model")
     return store
@@ -70,14 +94,17 @@ def store_holding(model: nn.Module, method: str, name: str) -> StackedDelta:
 
 def drop_store_if_empty(model: nn.Module, method: str) -> None:
     backbone = backbone_of(model)
-    chain = backbone.prompt
-    if isinstance(chain, PromptChain) and method in chain._modules and not chain._modules[method].slots:
-        del chain._modules[method]
-        if not chain._modules:
-            backbone.prompt = None
+    chain = backbone.prompt_hook()
+    if isinstance(chain, PromptChain) and method in chain._modules:
+        store = chain._modules[method]
+        if isinstance(store, StackedDelta) and not store.slots:
+            del chain._modules[method]
+            if not chain._modules:
+                backbone.set_prompt_hook(None)
 
 
-def prepend(embeds: Tensor, mask: Tensor, types: Tensor, tokens: Tensor, lengths: Tensor | None = None):
+def prepend(embeds: Tensor, mask: Tensor, types: Tensor, tokens: Tensor,
+            lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Put soft ``tokens`` (B, K, H) before each sample's input; sample b uses its first ``lengths[b]``.
 
     Without ``lengths`` every sample takes all K (plain concatenation). With them, sample b becomes

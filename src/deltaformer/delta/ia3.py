@@ -7,28 +7,20 @@ ones (the identity) and merge exactly into the weights. Stacked per layer as ``s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    DeltaWrapper,
-    Selection,
-    StackedDelta,
-    WrapperMethod,
-    backbone_relative,
-    check_shape,
-    hf_name,
-    match_targets,
-    per_sample,
-    register,
-    without_excluded,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
 from .files import base_model_name, task_type
+from .method import WrapperMethod, register
+from .ops import check_shape, per_sample
+from .routing import DeltaRouter, Selection
+from .targets import backbone_relative, hf_name, match_targets, without_excluded
+from .wrappers import DeltaWrapper, LayerPart
 
 
 @dataclass
@@ -36,26 +28,32 @@ class IA3Config(DeltaConfig):
     """``targets`` and ``feedforward`` name modules as LoRA's targets do; feed-forward ones scale their input."""
 
     method: ClassVar[str] = "ia3"
-    targets: tuple[str, ...] | str = ("key", "value", "mlp.down")
-    feedforward: tuple[str, ...] | str = ("mlp.down",)
-    layers: tuple[int, ...] | None = None
-    init: bool = True
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    targets: tuple[str, ...] | str = field(default=("key", "value", "mlp.down"), metadata={
+        "help": "modules whose outputs (or, for feedforward ones, inputs) are scaled", "cli": "targets",
+        "aliases": ("target_modules",)})
+    feedforward: tuple[str, ...] | str = field(default=("mlp.down",), metadata={
+        "help": "targets scaled at their input (peft's feedforward_modules)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "only these layer indices"})
+    init: bool = field(default=True, metadata={"help": "vectors start at ones (False: random, not the identity)"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
 
-class IA3Part(StackedDelta):
+class IA3Part(LayerPart[IA3Config]):
     """IA3 vectors of every IA3 delta on one layer; all of them scale the same side (input or output)."""
 
     method = "ia3"
     stacked = ("scale",)
+    acts_on_input = True  # feed-forward IA3 scales the input (output-side parts of this class do not)
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper, feedforward: bool) -> None:
         super().__init__(router)
         self.feedforward = feedforward
         self.dim = wrapper.in_features if feedforward else wrapper.out_features
 
-    def add_slot(self, name: str, config: IA3Config, wrapper: DeltaWrapper, feedforward: bool) -> None:
-        if feedforward != self.feedforward:
+    def add_slot(self, name: str, config: IA3Config, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
+        if bool(options["feedforward"]) != self.feedforward:
             side = "input" if self.feedforward else "output"
             raise DeltaError(f"IA3 deltas on one module must scale the same side; earlier ones scale its {side}: "
                              "give this delta the same feedforward modules")
@@ -91,7 +89,7 @@ class IA3Part(StackedDelta):
         self.scale.data[s].copy_(tensors["ia3_l"].reshape(-1))
 
 
-class IA3(WrapperMethod):
+class IA3(WrapperMethod[IA3Config, IA3Part]):
     name = "ia3"
     config_class = IA3Config
     peft_type = "IA3"
@@ -99,7 +97,7 @@ class IA3(WrapperMethod):
     part_class = IA3Part
     part_keys = ("ia3_l",)
 
-    def targets(self, model: nn.Module, config: IA3Config) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def targets(self, model: nn.Module, config: IA3Config) -> dict[str, dict[str, Any]]:
         paths = match_targets(model, config.targets, (nn.Linear,), config.layers)
         ff = set(match_targets(model, config.feedforward, (nn.Linear,), config.layers)) if config.feedforward else set()
         stray = ff - set(paths)
@@ -107,15 +105,15 @@ class IA3(WrapperMethod):
             raise DeltaError(f"IA3 feedforward modules must be targets too; {sorted(stray)[0]} is not: add it to targets")
         return {p: {"feedforward": p in ff} for p in paths}
 
-    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> StackedDelta:
+    def new_part(self, wrapper: DeltaWrapper, router: DeltaRouter, options: dict[str, Any]) -> IA3Part:
         return IA3Part(router, wrapper, options["feedforward"])
 
-    def file_config(self, model: nn.Module, name: str, config: IA3Config) -> dict[str, Any]:  # type: ignore[override]
+    def file_config(self, model: nn.Module, name: str, config: IA3Config) -> dict[str, Any]:
         modules, ff = [], []
         for path, _, part in self.parts(model, name):
             hf = backbone_relative(model, hf_name(model, path))
             modules.append(hf)
-            if part.feedforward:  # type: ignore[attr-defined]
+            if part.feedforward:
                 ff.append(hf)
         return {"peft_type": self.peft_type, "task_type": task_type(model, prompt_learning=False),
                 "base_model_name_or_path": base_model_name(model), "inference_mode": True,

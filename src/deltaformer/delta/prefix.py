@@ -15,29 +15,23 @@ Cannot merge: extra attention slots change every softmax; no weight equals them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DeltaError
 from ..nn.attention import SelfAttention
 from ..nn.patterns import ExtraKV
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    Method,
-    Selection,
-    StackedDelta,
-    backbone_of,
-    check_keys,
-    check_shape,
-    register,
-)
+from .config import DeltaConfig
 from .files import base_model_name, task_type
-from .hooks import chain_store, drop_store_if_empty, find_store, store_holding
+from .hooks import InputStore, Prompted, chain_store, drop_store_if_empty, find_store, store_holding
+from .host import backbone_of
+from .method import Method, check_keys, register
+from .ops import check_shape
+from .routing import DeltaRouter, Selection
 
 
 @dataclass
@@ -46,12 +40,18 @@ class PrefixConfig(DeltaConfig):
     reparameterisation; ``init_std``: normal init of direct slots (peft's nn.Embedding default is 1)."""
 
     method: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = 20
-    projection: bool = False
-    encoder_hidden_size: int | None = None
-    position_offset: bool = True
-    init_std: float = 1.0
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "key/value slots per layer", "cli": "prefix_length", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    projection: bool = field(default=False, metadata={
+        "help": "train through peft's MLP reparameterisation (folded into plain slots when saved); it wants a "
+        "far lower learning rate than the slots alone", "cli": "projection"})
+    encoder_hidden_size: int | None = field(default=None, metadata={"help": "inner size of the projection MLP"})
+    position_offset: bool = field(default=True, metadata={"help": "input positions start after the slots"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the normal init of direct slots"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
@@ -63,6 +63,7 @@ class PTuningV2Config(PrefixConfig):
     """P-tuning v2: deep prompts on every layer, no reparameterisation; the task head reads [CLS]."""
 
     method: ClassVar[str] = "ptuning2"
+    projection: bool = field(default=False, metadata={"help": "always False: P-tuning v2 has no reparameterisation"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +92,7 @@ class PrefixProjection(nn.Module):
         return self.transform(self.embedding.weight).view(-1, self.layers, 2, self.kv_dim)
 
 
-class PrefixSlots(StackedDelta):
+class PrefixSlots(InputStore):
     """Key/value slots of every prefix delta, for all layers; also shifts position ids past them."""
 
     method = "prefix"
@@ -136,8 +137,23 @@ class PrefixSlots(StackedDelta):
         """(k_s, 2, kv_dim) slots of delta ``s`` at ``layer``."""
         name = self.slots[s]
         if name in self.projections:
-            return self.projections[name].layer(layer)  # type: ignore[operator]
+            return self.projection(name).layer(layer)
         return self.kv[s, : self.lengths[s], layer]
+
+    def projection(self, name: str) -> PrefixProjection:
+        projection = self.projections[name]
+        assert isinstance(projection, PrefixProjection)
+        return projection
+
+    def export(self, name: str) -> None:
+        """Replace delta ``name``'s MLP reparameterisation by the prefix it computes (after training)."""
+        if name in self.projections:
+            s = self.slot(name)
+            with torch.no_grad():
+                self.kv[s, : self.lengths[s]].copy_(self.projection(name).full())
+            del self.projections[name]
+            info = self.router.deltas[name]
+            self.router.replace_config(name, dataclasses.replace(info.config, projection=False))
 
     def extra(self, layer: int, batch: int) -> ExtraKV | None:
         sel = self.select(batch, self.kv.device)
@@ -166,7 +182,8 @@ class PrefixSlots(StackedDelta):
         """(B, k, kv_dim) -> (B, kv_heads, k, head_dim)."""
         return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def apply(self, input_ids, embeds: Tensor, mask: Tensor, types: Tensor, positions):
+    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+              positions: Tensor | None) -> Prompted:
         """Position ids start after the slots (peft/HF); samples without a prefix keep 0.."""
         batch, seq = embeds.shape[:2]
         sel = self.select(batch, embeds.device)
@@ -213,32 +230,32 @@ def attention_layers(model: nn.Module) -> list[SelfAttention]:
     return [m for m in backbone_of(model).modules() if isinstance(m, SelfAttention)]
 
 
-class PrefixTuning(Method):
+class PrefixTuning(Method[PrefixConfig]):
     name = "prefix"
     config_class = PrefixConfig
     peft_type = "PREFIX_TUNING"
     prompt_learning = True
     merge_reason = "its extra key/value slots change every attention softmax; no weight equals them"
 
-    def attach(self, model: nn.Module, config: PrefixConfig, name: str, router: DeltaRouter) -> None:  # type: ignore[override]
+    def attach(self, model: nn.Module, config: PrefixConfig, name: str, router: DeltaRouter) -> None:
         layers = attention_layers(model)
         if not layers:
             raise DeltaError(f"{type(model).__name__} has no SelfAttention layers for prefix slots")
         first = layers[0]
         bb = backbone_of(model)
-        store = find_store(model, "prefix")
+        store = find_store(model, "prefix", PrefixSlots)
         if store is None:
-            max_pos = getattr(bb.config, "max_position_embeddings", None)
-            store = chain_store(model, "prefix", lambda: PrefixSlots(
+            max_pos = bb.config.max_position_embeddings
+            store = chain_store(model, "prefix", PrefixSlots, lambda: PrefixSlots(
                 router, len(layers), first.n_kv_heads, first.head_dim, max_pos))
             for i, attn in enumerate(layers):
                 if attn.prefix is not None:
                     raise DeltaError(f"attention layer {i} already has a prefix provider: remove it first")
-                attn.prefix = PrefixHook(store, i)  # type: ignore[arg-type]
-        store.add(name, config, bb.embeddings.tokens.weight)  # type: ignore[attr-defined]
+                attn.prefix = PrefixHook(store, i)
+        store.add(name, config, bb.get_input_embeddings().weight)
 
     def detach(self, model: nn.Module, name: str) -> None:
-        store = find_store(model, "prefix")
+        store = find_store(model, "prefix", PrefixSlots)
         if store is None or name not in store.slots:
             return
         store.stack_remove(name)
@@ -248,12 +265,12 @@ class PrefixTuning(Method):
                     attn.prefix = None
             drop_store_if_empty(model, "prefix")
 
-    def export(self, model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
-        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
+    def export(self, model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        store = store_holding(model, "prefix", name, PrefixSlots)
         s = store.slot(name)
         k = store.lengths[s]
         with torch.no_grad():
-            kv = store.projections[name].full() if name in store.projections else store.kv[s, :k]  # type: ignore[operator]
+            kv = store.projection(name).full() if name in store.projections else store.kv[s, :k]
         bb_config = backbone_of(model).config
         data = {
             "peft_type": self.peft_type, "task_type": task_type(model, prompt_learning=True),
@@ -274,19 +291,19 @@ class PrefixTuning(Method):
 
     def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         check_keys({"prompt_embeddings": None}, tensors)
-        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
+        store = store_holding(model, "prefix", name, PrefixSlots)
         s = store.slot(name)
         k = store.lengths[s]
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (k, store.n_layers * 2 * store.heads * store.head_dim))
         if name in store.projections:  # a computed prefix replaces the reparameterisation
             del store.projections[name]
             info = store.router.deltas[name]  # and the config says so, as after export_prefix
-            info.config = dataclasses.replace(info.config, projection=False)  # type: ignore[type-var]
+            store.router.replace_config(name, dataclasses.replace(info.config, projection=False))
         with torch.no_grad():
             store.kv[s, :k].copy_(tensors["prompt_embeddings"].view(k, store.n_layers, 2, -1))
 
     def counts(self, model: nn.Module, name: str) -> dict[str, int]:
-        store: PrefixSlots = store_holding(model, "prefix", name)  # type: ignore[assignment]
+        store = store_holding(model, "prefix", name, PrefixSlots)
         return {"prefix": store.slot_numel(store.slot(name))}
 
 
@@ -297,16 +314,10 @@ class PTuningV2(PrefixTuning):
 
 def export_prefix(model: nn.Module, name: str) -> None:
     """Replace delta ``name``'s MLP reparameterisation by the prefix it computes (after training)."""
-    store = find_store(model, "prefix")
+    store = find_store(model, "prefix", PrefixSlots)
     if store is None or name not in store.slots:
         raise DeltaError(f"no prefix delta named {name!r} is attached")
-    if name in store.projections:  # type: ignore[operator]
-        s = store.slot(name)
-        with torch.no_grad():
-            store.kv[s, : store.lengths[s]].copy_(store.projections[name].full())  # type: ignore[index]
-        del store.projections[name]  # type: ignore[arg-type]
-        info = store.router.deltas[name]
-        info.config = dataclasses.replace(info.config, projection=False)  # type: ignore[type-var]
+    store.export(name)
 
 
 register(PrefixTuning())

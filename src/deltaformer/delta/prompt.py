@@ -10,25 +10,20 @@ Files use peft's format (``prompt_embeddings``). Cannot merge: the soft tokens l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    Method,
-    StackedDelta,
-    backbone_of,
-    check_keys,
-    check_shape,
-    register,
-)
+from ..errors import DeltaError
+from .config import DeltaConfig
 from .files import base_model_name, task_type
-from .hooks import chain_store, drop_store_if_empty, find_store, prepend, store_holding
+from .hooks import InputStore, Prompted, chain_store, drop_store_if_empty, find_store, prepend, store_holding
+from .host import backbone_of
+from .method import Method, check_keys, register
+from .ops import check_shape
+from .routing import DeltaRouter
 
 INITS = ("random", "vocab", "text", "words")
 
@@ -40,12 +35,16 @@ class PromptConfig(DeltaConfig):
     ``tokenizer``: path or asset name of the tokenizer for the text inits."""
 
     method: ClassVar[str] = "prompt"
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_text: str | tuple[str, ...] | None = None
-    tokenizer: str | None = None
-    init_std: float = 1.0
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "soft tokens prepended", "cli": "num_virtual_tokens", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    init: str = field(default="vocab", metadata={"help": "random, vocab, text or words"})
+    init_text: str | tuple[str, ...] | None = field(default=None, metadata={"help": "text (or label words) to init from"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (path or asset) of the text inits"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the random init"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
@@ -56,7 +55,7 @@ class PromptConfig(DeltaConfig):
             raise DeltaError(f"prompt init {self.init!r} needs init_text and tokenizer (a path or asset name)")
 
 
-class SoftTokens(StackedDelta):
+class SoftTokens(InputStore):
     """Soft tokens of every prompt-tuning delta: ``tokens`` (n, k_max, hidden), each delta its own k."""
 
     method = "prompt"
@@ -76,7 +75,8 @@ class SoftTokens(StackedDelta):
     def refresh(self) -> None:
         self.length_vec = torch.tensor(self.lengths, device=self.tokens.device, dtype=torch.long)
 
-    def apply(self, input_ids, embeds: Tensor, mask: Tensor, types: Tensor, positions):
+    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+              positions: Tensor | None) -> Prompted:
         sel = self.select(embeds.shape[0], embeds.device)
         if sel is None:
             return embeds, mask, types, positions
@@ -95,7 +95,7 @@ class SoftTokens(StackedDelta):
 
 def initial_tokens(model: nn.Module, config: PromptConfig, k: int) -> Tensor:
     """(k, hidden) starting soft tokens for ``config.init``."""
-    table = backbone_of(model).embeddings.tokens.weight
+    table = backbone_of(model).get_input_embeddings().weight
     if config.init == "random":
         return torch.randn(k, table.shape[1], dtype=table.dtype, device=table.device) * config.init_std
     if config.init == "vocab":
@@ -118,25 +118,25 @@ def initial_tokens(model: nn.Module, config: PromptConfig, k: int) -> Tensor:
     return table[torch.tensor(ids, device=table.device)].detach().clone()
 
 
-class PromptTuning(Method):
+class PromptTuning(Method[PromptConfig]):
     name = "prompt"
     config_class = PromptConfig
     peft_type = "PROMPT_TUNING"
     prompt_learning = True
     merge_reason = "its soft tokens lengthen the input sequence; no weight equals them"
 
-    def attach(self, model: nn.Module, config: PromptConfig, name: str, router: DeltaRouter) -> None:  # type: ignore[override]
-        store = chain_store(model, "prompt", lambda: SoftTokens(router))
-        store.add(name, initial_tokens(model, config, config.num_virtual_tokens))  # type: ignore[attr-defined]
+    def attach(self, model: nn.Module, config: PromptConfig, name: str, router: DeltaRouter) -> None:
+        store = chain_store(model, "prompt", SoftTokens, lambda: SoftTokens(router))
+        store.add(name, initial_tokens(model, config, config.num_virtual_tokens))
 
     def detach(self, model: nn.Module, name: str) -> None:
-        store = find_store(model, "prompt")
+        store = find_store(model, "prompt", SoftTokens)
         if store is not None and name in store.slots:
             store.stack_remove(name)
             drop_store_if_empty(model, "prompt")
 
-    def export(self, model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
-        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
+    def export(self, model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        store = store_holding(model, "prompt", name, SoftTokens)
         s = store.slot(name)
         bb_config = backbone_of(model).config
         peft_init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}.get(config.init, "RANDOM")
@@ -159,14 +159,14 @@ class PromptTuning(Method):
 
     def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         check_keys({"prompt_embeddings": None}, tensors)
-        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
+        store = store_holding(model, "prompt", name, SoftTokens)
         s = store.slot(name)
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (store.lengths[s], store.tokens.shape[-1]))
         with torch.no_grad():
             store.tokens[s, : store.lengths[s]].copy_(tensors["prompt_embeddings"])
 
     def counts(self, model: nn.Module, name: str) -> dict[str, int]:
-        store: SoftTokens = store_holding(model, "prompt", name)  # type: ignore[assignment]
+        store = store_holding(model, "prompt", name, SoftTokens)
         return {"prompt": store.slot_numel(store.slot(name))}
 
 

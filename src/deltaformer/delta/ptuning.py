@@ -9,25 +9,20 @@ per sample; no Python loop over samples. Our own file format (``DELTAFORMER_PTUN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    DeltaConfig,
-    DeltaError,
-    DeltaRouter,
-    Method,
-    StackedDelta,
-    backbone_of,
-    check_keys,
-    check_shape,
-    register,
-)
-from .hooks import chain_store, drop_store_if_empty, find_store, prepend, store_holding
+from ..errors import DeltaError
+from .config import DeltaConfig
+from .hooks import InputStore, Prompted, chain_store, drop_store_if_empty, find_store, prepend, store_holding
+from .host import backbone_of
+from .method import Method, check_keys, register
+from .ops import check_shape
+from .routing import DeltaRouter
 
 
 @dataclass
@@ -36,13 +31,18 @@ class PTuningConfig(DeltaConfig):
     prepend, else the token id whose embeddings the soft tokens replace."""
 
     method: ClassVar[str] = "ptuning"
-    num_virtual_tokens: int = 20
-    encoder: str = "mlp"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-    placeholder_id: int | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    finetune_lr: ClassVar[float] = 3e-3
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "soft tokens the prompt encoder produces", "cli": "num_virtual_tokens", "finetune": 16,
+        "aliases": ("prefix_length", "length")})
+    encoder: str = field(default="mlp", metadata={"help": "prompt encoder: mlp or lstm"})
+    encoder_hidden_size: int | None = field(default=None, metadata={"help": "inner size of the encoder"})
+    encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers"})
+    encoder_dropout: float = field(default=0.0, metadata={"help": "dropout between LSTM layers"})
+    placeholder_id: int | None = field(default=None, metadata={
+        "help": "token id whose embeddings the soft tokens replace (None: prepend)"})
+    modules_to_save: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "head modules trained and saved with the delta (None: the model's task head)"})
 
     def __post_init__(self) -> None:
         if self.encoder not in ("mlp", "lstm"):
@@ -75,7 +75,7 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x)
 
 
-class PromptEncoders(StackedDelta):
+class PromptEncoders(InputStore):
     """The prompt encoders of every P-tuning delta; soft tokens are stacked per forward, then gathered."""
 
     method = "ptuning"
@@ -100,7 +100,8 @@ class PromptEncoders(StackedDelta):
     def tokens(self, s: int) -> Tensor:
         return self.encoders[self.slots[s]]()
 
-    def apply(self, input_ids, embeds: Tensor, mask: Tensor, types: Tensor, positions):
+    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+              positions: Tensor | None) -> Prompted:
         batch = embeds.shape[0]
         sel = self.select(batch, embeds.device)
         if sel is None:
@@ -153,33 +154,35 @@ def insert(input_ids: Tensor | None, embeds: Tensor, tokens: Tensor, placeholder
     return torch.where(hit[..., None], picked, embeds)
 
 
-class PTuning(Method):
+class PTuning(Method[PTuningConfig]):
     name = "ptuning"
     config_class = PTuningConfig
     peft_type = "DELTAFORMER_PTUNING"
     prompt_learning = True
     merge_reason = "its soft tokens come from a prompt encoder and change the input sequence; no weight equals them"
 
-    def attach(self, model: nn.Module, config: PTuningConfig, name: str, router: DeltaRouter) -> None:  # type: ignore[override]
-        store = chain_store(model, "ptuning", lambda: PromptEncoders(router))
-        store.add(name, config, backbone_of(model).embeddings.tokens.weight)  # type: ignore[attr-defined]
+    def attach(self, model: nn.Module, config: PTuningConfig, name: str, router: DeltaRouter) -> None:
+        store = chain_store(model, "ptuning", PromptEncoders, lambda: PromptEncoders(router))
+        store.add(name, config, backbone_of(model).get_input_embeddings().weight)
 
     def detach(self, model: nn.Module, name: str) -> None:
-        store = find_store(model, "ptuning")
+        store = find_store(model, "ptuning", PromptEncoders)
         if store is not None and name in store.slots:
             store.stack_remove(name)
             drop_store_if_empty(model, "ptuning")
 
     def _encoder(self, model: nn.Module, name: str) -> PromptEncoder:
-        return store_holding(model, "ptuning", name).encoders[name]  # type: ignore[index,return-value]
+        encoder = store_holding(model, "ptuning", name, PromptEncoders).encoders[name]
+        assert isinstance(encoder, PromptEncoder)
+        return encoder
 
-    def export(self, model: nn.Module, name: str, config: PTuningConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:  # type: ignore[override]
+    def export(self, model: nn.Module, name: str, config: PTuningConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
         state = self._encoder(model, name).state_dict()
         return ({"peft_type": self.peft_type, "deltaformer": config.to_dict()},
                 {f"prompt_encoder.{k}": v.detach() for k, v in state.items()})
 
     def config_from_file(self, data: dict[str, Any], model: nn.Module) -> PTuningConfig:
-        return self.own_config(data)  # type: ignore[return-value]
+        return self.own_config(data)
 
     def load_tensors(self, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         state = self._encoder(model, name).state_dict()

@@ -51,7 +51,8 @@ class RowSettings:
 
     def select(self, rows: Tensor) -> RowSettings:
         """The settings of ``rows`` (kept rows, in their new order)."""
-        pick = (lambda t: None if t is None else t.index_select(0, rows.to(t.device)))
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows.to(t.device))
         return RowSettings(self.sampling.index_select(0, rows.to(self.sampling.device)), pick(self.penalty),
                            pick(self.temperature), pick(self.top_k), pick(self.top_p), pick(self.min_p))
 

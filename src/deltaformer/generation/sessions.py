@@ -81,9 +81,9 @@ class CausalSession:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Any:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor | None) -> Any:
         with self.context(list(self.rows)):
-            return self.model(ids, attention_mask=mask, position_ids=positions, cache=self.cache)
+            return self.model(ids, attention_mask=mask, position_ids=positions, cache=self.cache, last_only=True)
 
     def prefill(self, ids: Tensor, mask: Tensor, room: int, repeat: int = 1) -> Tensor:
         """Run the prompts (left-padded ``ids``/``mask``, each row ``repeat`` times for beams, as HF expands
@@ -93,8 +93,7 @@ class CausalSession:
             self.rows = [r for r in self.rows for _ in range(repeat)]
         batch, width = ids.shape
         self.cache = self.model.new_cache(batch, width + room, dtype=self.dtype, device=ids.device)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = self._forward(ids, mask, positions)
+        out = self._forward(ids, mask, None)  # positions from the mask, shifted by a prefix delta if any
         self._after_prefill(out, mask)
         return out.logits[:, -1].float()
 

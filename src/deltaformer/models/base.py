@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..checkpoints.names import NameMap, normalize_legacy
 from ..config import ModelConfig, load_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DeltaError
 
 log = logging.getLogger("deltaformer")
 
@@ -87,6 +87,10 @@ class PreTrainedModel(nn.Module):
 
     #: Every model class by its HF architecture name, for :func:`deltaformer.models.auto.load_model`.
     registry: ClassVar[dict[str, type[PreTrainedModel]]] = {}
+    #: The router of attached deltas (a ``deltaformer.delta.routing.DeltaRouter``, set by ``delta.attach``).
+    delta_router: Any = None
+    #: The input hook of prompt-based deltas, on backbones that run one (see :meth:`delta_backbone`).
+    prompt: nn.Module | None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,6 +124,36 @@ class PreTrainedModel(nn.Module):
     def is_bare_class(cls) -> bool:
         """True for backbone classes (no task head), which HF names ``<Arch>Model``."""
         return cls.hf_architecture.endswith("Model") and "For" not in cls.hf_architecture
+
+    # --- what deltas need (deltaformer.delta.host.DeltaHost) ------------------------------------
+
+    def delta_backbone(self) -> PreTrainedModel | None:
+        """The encoder that runs the layers and the ``prompt`` input hook: the model itself for a backbone
+        that has one, its backbone for a task model; None (the default) refuses input-side deltas."""
+        return None
+
+    def prompt_hook(self) -> nn.Module | None:
+        backbone = self.delta_backbone()
+        if backbone is None:
+            return None
+        return backbone.prompt if backbone is self else backbone.prompt_hook()
+
+    def set_prompt_hook(self, hook: nn.Module | None) -> None:
+        backbone = self.delta_backbone()
+        if backbone is None:
+            raise DeltaError(f"{type(self).__name__} runs no input hook: prompt-based deltas need an encoder that "
+                             "does (BERT, Longformer)")
+        if backbone is self:
+            self.prompt = hook
+        else:
+            backbone.set_prompt_hook(hook)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (the backbone's for a task model)."""
+        backbone = self.delta_backbone()
+        if backbone is None or backbone is self:
+            raise NotImplementedError(f"{type(self).__name__} does not say which module embeds its tokens")
+        return backbone.get_input_embeddings()
 
     # --- init -------------------------------------------------------------------------------------
 
@@ -176,7 +210,7 @@ class PreTrainedModel(nn.Module):
         translated: dict[str, Tensor] = {}
         unexpected: list[str] = []
         for raw_name, tensor in state.items():
-            name = self._hf_name_for_this_class(normalize_legacy(raw_name), name_map)
+            name = self.hf_name_for_this_class(normalize_legacy(raw_name), name_map)
             if any(name.endswith(ignored) for ignored in self.hf_ignored):
                 continue
             mine = name_map.to_ours(name)
@@ -206,7 +240,7 @@ class PreTrainedModel(nn.Module):
     def tied_parameters(self) -> set[str]:
         return set()
 
-    def _hf_name_for_this_class(self, name: str, name_map: NameMap) -> str:
+    def hf_name_for_this_class(self, name: str, name_map: NameMap) -> str:
         """Add or strip HF's backbone prefix so bare and task checkpoints both load into either class."""
         prefix = self.hf_backbone_prefix
         if self.is_backbone():

@@ -15,12 +15,12 @@ from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
 from ..config import BertConfig
-from ..errors import ConfigError, InputError
 from ..nn.attention import SelfAttention
 from ..nn.dropout import Dropout
 from ..nn.linear import Linear, linear
 from ..nn.mlp import FeedForward, activation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
+from .common import check_length, classification_loss, embed_inputs, init_head, key_mask_from, residual_add
 
 BERT_NAMES = NameMap([
     ("embeddings.word_embeddings", "embeddings.tokens"),
@@ -83,11 +83,6 @@ class BertLayer(nn.Module):
         return self.mlp_norm(residual_add(self.dropout(self.mlp(x)), x))
 
 
-def residual_add(branch: Tensor, x: Tensor) -> Tensor:
-    """``branch + x``, in place into the fresh ``branch`` when no gradient is recorded (one allocation less)."""
-    return branch.add_(x) if not torch.is_grad_enabled() else branch + x
-
-
 class Pooler(nn.Module):
     """tanh(dense(first token)): BERT's sentence vector, trained by next-sentence prediction."""
 
@@ -121,6 +116,12 @@ class BertModel(PreTrainedModel):
     @classmethod
     def backbone_name_map(cls) -> NameMap:
         return BERT_NAMES
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.tokens
 
     def forward(
         self,
@@ -171,51 +172,6 @@ class BertModel(PreTrainedModel):
         )
 
 
-def embed_inputs(
-    tokens: nn.Embedding, input_ids: Tensor | None, inputs_embeds: Tensor | None,
-    attention_mask: Tensor | None, token_type_ids: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The first step of every encoder forward: checked token embeddings (or the caller's), and the default
-    all-ones attention mask and all-zeros segment ids where none are given."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise InputError("pass exactly one of input_ids or inputs_embeds")
-    if inputs_embeds is None:
-        check_token_ids(input_ids, tokens.num_embeddings)
-        inputs_embeds = tokens(input_ids)
-    batch, seq = inputs_embeds.shape[:2]
-    device = inputs_embeds.device
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    return inputs_embeds, attention_mask, token_type_ids
-
-
-def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
-    """Out-of-range ids would index garbage (or crash on GPU); say which id is wrong instead."""
-    if torch.compiler.is_compiling():  # a data-dependent check would break the graph; eager runs check
-        return
-    if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
-        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())
-        raise InputError(f"token id {bad} is outside the vocabulary (size {vocab_size}): use the model's tokenizer")
-
-
-def check_length(seq: int, limit: int) -> None:
-    if seq > limit:
-        raise InputError(
-            f"input of {seq} tokens is longer than the model's {limit} positions: truncate it "
-            "(tokenizer truncation=True, max_length) or convert the model to a Longformer (deltaformer convert-long)"
-        )
-
-
-def key_mask_from(attention_mask: Tensor) -> Tensor | None:
-    """(B, S) 0/1 mask -> bool key mask, or None when nothing is padded (lets SDPA take its fastest kernel)."""
-    mask = attention_mask.to(torch.bool)
-    if torch.compiler.is_compiling():
-        return mask
-    return None if bool(mask.all()) else mask
-
-
 # --- task models --------------------------------------------------------------------------------------
 
 
@@ -239,6 +195,9 @@ class BertTaskModel(PreTrainedModel):
     @classmethod
     def name_map(cls) -> NameMap:
         return NameMap(cls.head_rules) + BERT_NAMES.prefixed("bert.", "backbone.")
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self.backbone
 
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                inputs_embeds=None, output_hidden_states=False, output_attentions=False,
@@ -285,7 +244,7 @@ class BertForMaskedLM(BertTaskModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.mlm_head = MLMHead(config, self.backbone.embeddings.tokens)
-        _init_head(self, config, only=(self.mlm_head,))
+        init_head(self, config, only=(self.mlm_head,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
@@ -304,7 +263,7 @@ class BertForPreTraining(BertTaskModel):
         super().__init__(config)
         self.mlm_head = MLMHead(config, self.backbone.embeddings.tokens)
         self.nsp_head = Linear(config.hidden_size, 2)
-        _init_head(self, config, only=(self.mlm_head, self.nsp_head))
+        init_head(self, config, only=(self.mlm_head, self.nsp_head))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 next_sentence_label=None, **kwargs) -> HeadOutput:
@@ -316,28 +275,6 @@ class BertForPreTraining(BertTaskModel):
             loss = mlm_loss(logits, labels) + F.cross_entropy(nsp_logits, next_sentence_label.view(-1))
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
                           extra_logits={"seq_relationship": nsp_logits})
-
-
-def classification_loss(logits: Tensor, labels: Tensor, num_labels: int, problem_type: str | None = None) -> Tensor:
-    """The loss of HF's ``problem_type``: cross-entropy (single-label classification, the default), mean squared
-    error (regression), binary cross-entropy per label (multi-label). The number of labels never picks it: a
-    one-class classifier would otherwise silently become a regression."""
-    if problem_type == "regression":
-        target = labels.to(logits.dtype)
-        return F.mse_loss(logits.view(-1), target.view(-1)) if num_labels == 1 else F.mse_loss(logits, target)
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    if problem_type not in (None, "single_label_classification"):
-        raise ConfigError(f"unknown problem_type {problem_type!r}: use single_label_classification, "
-                          "multi_label_classification or regression")
-    if num_labels < 2:
-        raise InputError(f"a classification head needs at least two labels, this one has {num_labels}: for a "
-                         "regression head set problem_type='regression' in the model config")
-    valid = labels[labels != -100]
-    if valid.numel() and (int(valid.max()) >= num_labels or int(valid.min()) < 0):
-        bad = int(valid.max()) if int(valid.max()) >= num_labels else int(valid.min())
-        raise InputError(f"label {bad} is outside the label set 0..{num_labels - 1}: check the label mapping")
-    return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
 
 
 class BertForSequenceClassification(BertTaskModel):
@@ -352,7 +289,7 @@ class BertForSequenceClassification(BertTaskModel):
         dropout = config.extra.get("classifier_dropout")
         self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = Linear(config.hidden_size, config.num_labels)
-        _init_head(self, config, only=(self.classifier,))
+        init_head(self, config, only=(self.classifier,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, first_token_only=True, **kwargs)
@@ -375,7 +312,7 @@ class BertForTokenClassification(BertTaskModel):
         dropout = config.extra.get("classifier_dropout")
         self.dropout = Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = Linear(config.hidden_size, config.num_labels)
-        _init_head(self, config, only=(self.classifier,))
+        init_head(self, config, only=(self.classifier,))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
@@ -384,13 +321,3 @@ class BertForTokenClassification(BertTaskModel):
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-def _init_head(model: nn.Module, config: BertConfig, only: tuple[nn.Module, ...] | None = None) -> None:
-    """Initialise head modules the way the backbone is initialised (normal(0, initializer_range))."""
-    for module in only or (model,):
-        for sub in module.modules():
-            if isinstance(sub, nn.Linear):
-                nn.init.normal_(sub.weight, std=config.initializer_range)
-                nn.init.zeros_(sub.bias)
-            elif isinstance(sub, nn.LayerNorm):
-                nn.init.ones_(sub.weight)
-                nn.init.zeros_(sub.bias)

@@ -27,7 +27,7 @@ from ..nn.kv_cache import CacheLayer, KVCache
 from ..nn.linear import Linear
 from ..nn.rope import Rotation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
-from .bert import check_token_ids, classification_loss, key_mask_from
+from .common import check_token_ids, classification_loss, key_mask_from
 
 
 @dataclass
@@ -265,22 +265,28 @@ class DecoderForCausalLM(DecoderTaskModel):
 
 def last_token_index(input_ids: Tensor | None, attention_mask: Tensor | None, pad_token_id: int | None,
                      batch: int, seq: int, device: torch.device) -> Tensor:
-    """Per row, the position of the last real token: HF's rule (the rightmost id that is not ``pad_token_id``,
-    so both padding sides work); without a pad id, the rightmost 1 of the attention mask; a single
-    unpadded row, its last position."""
+    """Per row, the position of the last real token: the rightmost 1 of the attention mask when there is one;
+    else HF's rule, the rightmost id that is not ``pad_token_id`` (both padding sides work); a single
+    unpadded row, its last position.
+
+    The mask comes first because it cannot be fooled: a collator padding with eos (tokenizers without a pad
+    token) and a text ending in eos would make the id rule skip the real final token. Where mask and ids
+    agree, which is every batch HF's own collators make, both rules pick the same token.
+    """
     positions = torch.arange(seq, device=device, dtype=torch.int32)
-    if pad_token_id is not None and input_ids is not None:
-        return (positions * (input_ids != pad_token_id).to(torch.int32)).argmax(-1)
     if attention_mask is not None:
         return (positions * attention_mask[:, -seq:].to(device=device, dtype=torch.int32)).argmax(-1)
+    if pad_token_id is not None and input_ids is not None:
+        return (positions * (input_ids != pad_token_id).to(torch.int32)).argmax(-1)
     if batch != 1:
-        raise InputError("a batch of several sequences needs pad_token_id in the config or an attention_mask "
+        raise InputError("a batch of several sequences needs an attention_mask (or pad_token_id in the config) "
                          "to find each sequence's last token")
     return torch.full((1,), seq - 1, dtype=torch.long, device=device)
 
 
 class DecoderForSequenceClassification(DecoderTaskModel):
-    """A linear ``score`` (no bias, as HF) on the last real token of each sequence."""
+    """A linear ``score`` (no bias, as HF) on the last real token of each sequence (see
+    :func:`last_token_index`)."""
 
     head_rules = [("score", "score")]
     head_prefixes = ("score.",)
@@ -308,8 +314,10 @@ class DecoderForSequenceClassification(DecoderTaskModel):
                             output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
         batch, seq = hidden.shape[:2]
+        if out.attention_mask is not None:  # soft tokens may have been prepended: the mask the layers saw
+            attention_mask = out.attention_mask
         if input_ids is not None and input_ids.shape[1] != seq:  # soft tokens prepended: the ids no longer line up
-            input_ids, attention_mask = None, out.attention_mask
+            input_ids = None
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch, seq, hidden.device)
         pooled = hidden[torch.arange(batch, device=hidden.device), last]
         logits = self.score(self.dropout(pooled))

@@ -21,7 +21,7 @@ from ..nn.dropout import Dropout
 from ..nn.mlp import FeedForward
 from ..nn.patterns import Causal
 from .base import LoadReport
-from .bert import check_length
+from .common import check_length
 from .decoder import DecoderForCausalLM, DecoderForSequenceClassification, DecoderLayer, DecoderModel
 
 #: HF names once ``c_attn`` is split into ``query``/``key``/``value`` (what :func:`from_hf_layout` makes).

@@ -8,36 +8,20 @@ inputs are not padded to a multiple of the window here: the banded kernel pads p
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
-from ..config import BertConfig, LongformerConfig
-from ..errors import ConfigError
+from ..config import LongformerConfig
 from ..nn.dropout import Dropout
 from ..nn.linear import Linear
 from ..nn.sliding import GlobalTokens, LongformerMask, LongformerSelfAttention
-from .base import EncoderOutput, HeadOutput, PreTrainedModel, resolve_path
-from .bert import (
-    BERT_NAMES,
-    BertEmbeddings,
-    BertForSequenceClassification,
-    BertLayer,
-    BertModel,
-    Pooler,
-    _init_head,
-    check_length,
-    classification_loss,
-    embed_inputs,
-    key_mask_from,
-)
+from .base import EncoderOutput, HeadOutput, PreTrainedModel
+from .bert import BERT_NAMES, BertEmbeddings, BertLayer, Pooler
+from .common import check_length, classification_loss, embed_inputs, init_head, key_mask_from
 
 
 @dataclass
@@ -98,6 +82,12 @@ class LongformerModel(PreTrainedModel):
     @classmethod
     def backbone_name_map(cls) -> NameMap:
         return BERT_NAMES  # the global projections sit under attention.self like the local ones
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.tokens
 
     def forward(
         self,
@@ -207,7 +197,7 @@ class LongformerForSequenceClassification(PreTrainedModel):
         super().__init__(config)
         self.backbone = LongformerModel(config, add_pooler=False)
         self.classifier = LongformerClassificationHead(config)
-        _init_head(self, config, only=(self.classifier,))
+        init_head(self, config, only=(self.classifier,))
 
     @classmethod
     def backbone_name_map(cls) -> NameMap:
@@ -216,6 +206,9 @@ class LongformerForSequenceClassification(PreTrainedModel):
     @classmethod
     def name_map(cls) -> NameMap:
         return NameMap([("classifier", "classifier")]) + BERT_NAMES.prefixed("longformer.", "backbone.")
+
+    def delta_backbone(self) -> PreTrainedModel:
+        return self.backbone
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 labels=None, **kwargs) -> LongformerHeadOutput:
@@ -229,76 +222,3 @@ class LongformerForSequenceClassification(PreTrainedModel):
                 if labels is not None else None)
         return LongformerHeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                     attentions=out.attentions, global_attentions=out.global_attentions)
-
-
-# --- BERT -> Longformer -------------------------------------------------------------------------------
-
-#: Files of a tokenizer that a converted model keeps (whichever exist).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
-
-
-def convert_bert_to_longformer(model: str | Path, max_length: int, window: int, out_dir: str | Path) -> Path:
-    """Turn a BERT checkpoint (directory or asset name) into a Longformer that reads ``max_length`` tokens
-    with a one-sided ``window`` (Hugging Face's ``attention_window`` is ``2 * window``), written to ``out_dir``.
-
-    As allenai's conversion notebook does: the learned position table is copied over and over to the new
-    length and every layer's global projections start as copies of its local ones, so up to the old length,
-    with a window covering the input, the Longformer computes what the BERT did. Positions are RoBERTa-style
-    (``transformers.LongformerModel`` counts them from ``pad_token_id + 1``): row ``pad + 1 + i`` holds BERT's
-    position ``i mod old_length``. A ``BertForSequenceClassification`` becomes a
-    ``LongformerForSequenceClassification`` (BERT's pooler + classifier are exactly Longformer's head); other
-    heads are dropped. Tokenizer files are copied, with ``model_max_length`` raised to ``max_length``.
-    """
-    from .auto import load_model
-
-    source = resolve_path(model)
-    bert = load_model(source)
-    if type(bert.config) is not BertConfig:
-        raise ConfigError(f"{source} holds a {bert.config.model_type!r} model: convert-long converts BERT checkpoints")
-    if max_length < 1 or window < 1:
-        raise ConfigError(f"max_length ({max_length}) and window ({window}) must be positive")
-    backbone: BertModel = bert if isinstance(bert, BertModel) else bert.backbone
-    pad = bert.config.pad_token_id or 0
-    fields = {f.name: getattr(bert.config, f.name) for f in dataclasses.fields(BertConfig) if f.name != "extra"}
-    extra = {k: v for k, v in bert.config.extra.items() if k not in ("architectures", "_name_or_path")}
-    config = LongformerConfig(**{**fields, "max_position_embeddings": max_length + pad + 1, "pad_token_id": pad},
-                              attention_window=2 * window, extra=extra)
-    classify = isinstance(bert, BertForSequenceClassification)
-    long = LongformerForSequenceClassification(config) if classify else \
-        LongformerModel(config, add_pooler=backbone.pooler is not None)
-    target: LongformerModel = long.backbone if classify else long
-    weights = {k: v for k, v in backbone.state_dict().items() if k != "embeddings.positions.weight"}
-    if classify:
-        weights = {k: v for k, v in weights.items() if not k.startswith("pooler.")}
-    target.load_state_dict(weights, strict=False)
-    with torch.no_grad():
-        for layer in target.layers:
-            for name in ("query", "key", "value"):
-                getattr(layer.attn, f"{name}_global").load_state_dict(getattr(layer.attn, name).state_dict())
-        _tile_positions(backbone.embeddings.positions.weight, target.embeddings.positions.weight, pad + 1)
-        if classify:
-            long.classifier.dense.load_state_dict(backbone.pooler.dense.state_dict())
-            long.classifier.out_proj.load_state_dict(bert.classifier.state_dict())
-    out = long.save_pretrained(out_dir)
-    _copy_tokenizer(source, out, max_length)
-    return out
-
-
-def _tile_positions(old: Tensor, new: Tensor, offset: int) -> None:
-    """``new[offset + i] = old[i mod len(old)]``; rows before ``offset`` (the padding row) are zero."""
-    new.zero_()
-    for start in range(0, new.shape[0] - offset, old.shape[0]):
-        rows = min(old.shape[0], new.shape[0] - offset - start)
-        new[offset + start:offset + start + rows] = old[:rows]
-
-
-def _copy_tokenizer(source: Path, out: Path, max_length: int) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
-    settings = out / "tokenizer_config.json"
-    if settings.is_file():
-        data = json.loads(settings.read_text(encoding="utf-8"))
-        data["model_max_length"] = max_length
-        settings.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -65,7 +65,7 @@ def evaluate_by_generation(renderer: PromptRenderer, lm: nn.Module, examples: Se
             mask[i, length - len(p):] = 1
         out = generate(lm, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-        new = out[:, length:] if out.shape[1] > length else out
+        new = out[:, length:]  # generate returns prompt + new tokens
         for row in new.tolist():
             text = tokenizer.decode(row, skip_special_tokens=True)
             answers.append(text)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import PromptError
 
@@ -32,3 +33,17 @@ def load_lm(name: str, device: Any = None) -> tuple[nn.Module, Any, str]:
     kind = lm_kind(model)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return (model.to(device) if device is not None else model), tokenizer, kind
+
+
+def split_head(lm: nn.Module) -> tuple[Callable[[dict[str, Tensor]], Tensor], nn.Module] | None:
+    """(body, head) of an LM whose last hidden states and vocabulary projection can be run apart: BERT's
+    ``encode`` + ``mlm_head``, a decoder's ``backbone`` + ``lm_head``; None for other models. ``body(inputs)``
+    gives the last hidden states (B, T', H), T' > T when a delta prepends soft tokens."""
+    if hasattr(lm, "mlm_head") and hasattr(lm, "encode"):
+        return (lambda inputs: lm.encode(**inputs).last_hidden_state), lm.mlm_head
+    if isinstance(getattr(lm, "lm_head", None), nn.Module) and isinstance(getattr(lm, "backbone", None), nn.Module):
+        def body(inputs: dict[str, Tensor]) -> Tensor:
+            return lm.backbone(inputs["input_ids"], inputs.get("attention_mask")).last_hidden_state
+
+        return body, lm.lm_head
+    return None

@@ -36,11 +36,15 @@ class PVP:
     renderer: PromptRenderer
     scorer: PromptScorer
     delta: str | tuple[str, ...] | None = None
+    offset: int = 0  # soft tokens its deltas put before the input (prompt tuning): every position moves by it
 
     @classmethod
     def build(cls, renderer: PromptRenderer, delta_names: str | tuple[str, ...] | None = None,
-              word_reduce: str | None = None) -> PVP:
-        return cls(renderer, PromptScorer(renderer, word_reduce), delta_names)
+              word_reduce: str | None = None, lm: nn.Module | None = None) -> PVP:
+        pvp = cls(renderer, PromptScorer(renderer, word_reduce), delta_names)
+        if lm is not None:
+            pvp.offset = prepended_tokens(lm, pvp.delta_names)
+        return pvp
 
     @property
     def delta_names(self) -> tuple[str, ...]:
@@ -87,6 +91,7 @@ class PromptModel(nn.Module):
         self.pvps = list(pvps)
         self.num_labels = classes.pop()
         self.config = getattr(lm, "config", None)
+        self.train(lm.training)  # a model loaded for scoring stays in eval mode (no dropout)
 
     def collator(self, tokenizer) -> PvpCollator:
         return PvpCollator(tuple(collator_for(p.scorer, tokenizer) for p in self.pvps))
@@ -109,7 +114,7 @@ class PromptModel(nn.Module):
         rows, positions, start = [], [], 0
         for p, (pvp, n) in enumerate(zip(self.pvps, counts)):
             rows.append(pvp.scorer.rows_of(batch[f"{p}.positions"]) + start)
-            positions.append(batch[f"{p}.positions"])
+            positions.append(batch[f"{p}.positions"] + pvp.offset)
             start += n
         flat_rows = torch.cat([r.flatten() for r in rows])
         flat_positions = torch.cat([q.flatten() for q in positions])
@@ -146,6 +151,21 @@ class PromptModel(nn.Module):
         if labels is not None:
             loss = sum(F.cross_entropy(s, labels) for s in scores)
         return HeadOutput(loss=loss, logits=ensemble)
+
+
+def prepended_tokens(lm: nn.Module, names: tuple[str, ...]) -> int:
+    """How many soft tokens the deltas ``names`` prepend to each input: prompt tuning's and P-tuning's without
+    placeholders (prefix tuning adds key/value slots, which move no position)."""
+    from ..delta.base import find_router
+
+    router = find_router(lm)
+    total = 0
+    for name in names:
+        config = router.deltas[name].config if router is not None and name in router.deltas else None
+        method = getattr(config, "method", "")
+        if method == "prompt" or (method == "ptuning" and getattr(config, "placeholder_id", None) is None):
+            total += int(config.num_virtual_tokens)  # type: ignore[union-attr]
+    return total
 
 
 @contextlib.contextmanager

@@ -88,7 +88,7 @@ def build_prompt_model(lm: nn.Module, tokenizer, kind: str, labels: list[str], s
             soft_id = attach_soft_tokens(lm, template, f"pvp{i}-soft", tokenizer, setup.soft_encoder)
             names.append(f"pvp{i}-soft")
         renderer = PromptRenderer(tokenizer, template, verbalizer, kind, max_length, chat=chat, soft_token_id=soft_id)
-        pvps.append(PVP.build(renderer, tuple(names) or None, setup.word_reduce))
+        pvps.append(PVP.build(renderer, tuple(names) or None, setup.word_reduce, lm))
     if delta.deltas(lm):
         delta.set_active(lm, ())
         if method is None or method.is_delta:
@@ -174,11 +174,20 @@ def train_pet(spec: PetSpec) -> dict[str, Any]:
 
 
 def save_prompt_weights(model: PromptModel, method: MethodSpec, out: Path) -> None:
-    """Each attached delta under ``out/deltas/<name>``; the whole LM under ``out/model`` for full training."""
-    if method.name == "full":
-        model.lm.save_pretrained(out / "model")
-    for name in delta.deltas(model.lm):
+    """Each attached delta under ``out/deltas/<name>``; for full training also the whole LM under ``out/model``
+    (saved without the deltas, which are unloaded for the save and loaded back from their files)."""
+    names = list(delta.deltas(model.lm))
+    for name in names:
         delta.save_delta(model.lm, out / "deltas" / name, name)
+    if method.name == "full":
+        if names:
+            delta.unload(model.lm)
+        model.lm.save_pretrained(out / "model")
+        model.pvps[0].renderer.tokenizer.save_pretrained(out / "model")
+        for name in names:
+            delta.load_delta(model.lm, out / "deltas" / name, name)
+        if names:
+            delta.set_active(model.lm, ())
 
 
 def load_prompt_run(directory: str | Path, device: Any = None) -> tuple[PromptModel, dict[str, Any]]:
@@ -202,6 +211,6 @@ def load_prompt_run(directory: str | Path, device: Any = None) -> tuple[PromptMo
         delta.load_delta(lm, directory / "deltas" / name, name)
     if delta.deltas(lm):
         delta.set_active(lm, ())
-    model.pvps = [PVP(p.renderer, p.scorer, tuple(n for n in (f"pvp{i}", f"pvp{i}-soft") if n in delta.deltas(lm))
-                      or None) for i, p in enumerate(model.pvps)]
+    model.pvps = [PVP.build(p.renderer, tuple(n for n in (f"pvp{i}", f"pvp{i}-soft") if n in delta.deltas(lm)) or None,
+                            setup.word_reduce, lm) for i, p in enumerate(model.pvps)]
     return (model.to(device) if device is not None else model).eval(), info

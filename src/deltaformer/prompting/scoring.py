@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PromptError
+from .lm import split_head
 from .rendering import PromptItem, PromptRenderer
 
 WORD_REDUCTIONS = {"mlm": ("mean", "max", "first", "sum"), "causal": ("sum", "mean")}
@@ -111,14 +112,14 @@ class PromptCollator:
 def logits_at(lm: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor) -> Tensor:
     """The LM's logits at (``rows``, ``positions``) only, shape ``rows.shape + (V,)``.
 
-    The vocabulary projection is most of the cost of scoring (BERT-base: 23M of its 110M weights; the tiny
-    MLM's head is ten times its encoder), and only a few positions per row are read, so models whose body and
-    head can be called apart (``encode`` + ``mlm_head``) project those positions alone; others return full
-    logits, gathered here."""
-    head = getattr(lm, "mlm_head", None)
-    if head is not None and hasattr(lm, "encode"):
-        hidden = lm.encode(**inputs).last_hidden_state
-        return head(hidden[rows, positions])
+    The vocabulary projection is a large part of scoring (the tiny MLM's head costs ten times its encoder,
+    SmolLM2's a fifth of the model), and only a few positions per row are read, so models whose body and head
+    can be called apart (:func:`~deltaformer.prompting.lm.split_head`) project those positions alone; others
+    return full logits, gathered here."""
+    split = split_head(lm)
+    if split is not None:
+        body, head = split
+        return head(body(inputs)[rows, positions])
     return lm(**inputs).logits[rows, positions]
 
 

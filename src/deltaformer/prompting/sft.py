@@ -32,7 +32,7 @@ from ..train.seeding import seed_everything
 from ..train.trainer import RESULTS, TrainConfig, Trainer, write_json
 from .chat import PLAIN, ChatFormat
 from .instructions import Conversation, read_instructions
-from .lm import load_lm
+from .lm import load_lm, split_head
 from .mixture import build_mixture, parse_builtin
 from .rendering import special_frame
 
@@ -117,19 +117,35 @@ class LMCollator:
 
 
 class CausalLMObjective(nn.Module):
-    """Next-token cross-entropy over labelled positions (labels[t] predicted from logits[t-1]), averaged over
-    the batch's labelled tokens; the LM is called without labels so its own loss convention does not matter."""
+    """Next-token cross-entropy over labelled positions (labels[t] predicted from position t - 1), averaged over
+    the batch's labelled tokens. Where the LM's body and head run apart (:func:`split_head`) only the labelled
+    positions are projected onto the vocabulary: a reply is a few tokens of a long prompt, and a 49k-word
+    projection of every position is most of a small model's memory."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None) -> HeadOutput:
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return HeadOutput(loss=loss, logits=logits)
+        split = split_head(self.lm)
+        if labels is None or split is None:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask)
+            loss = None if labels is None else _shifted_loss(out.logits, labels)
+            return HeadOutput(loss=loss, logits=out.logits)
+        body, head = split
+        hidden = body({"input_ids": input_ids, "attention_mask": attention_mask})
+        if hidden.shape[1] != labels.shape[1]:  # soft tokens were prepended: they predict nothing
+            labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)
+        target = labels[:, 1:]
+        rows, cols = (target != -100).nonzero(as_tuple=True)
+        logits = head(hidden[:, :-1][rows, cols])
+        return HeadOutput(loss=F.cross_entropy(logits.float(), target[rows, cols]), logits=logits)
+
+
+def _shifted_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.shape[1] != labels.shape[1]:
+        labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 @dataclass

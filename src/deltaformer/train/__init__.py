@@ -3,6 +3,7 @@
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, init_distributed
 from .evaluation import evaluate, predict_probabilities
+from .probe import layer_features
 from .schedule import WarmupDecay, make_scheduler
 from .seeding import seed_everything
 from .trainer import TrainConfig, Trainer
@@ -15,6 +16,7 @@ __all__ = [
     "WarmupDecay",
     "evaluate",
     "init_distributed",
+    "layer_features",
     "load_checkpoint",
     "make_scheduler",
     "predict_probabilities",

@@ -1,13 +1,18 @@
 """Which parameters a fine-tuning method trains, and how its delta is attached, saved and merged.
 
-``full`` and ``probe`` need no delta: they only set ``requires_grad``. Every other method is a delta from
-:mod:`deltaformer.delta`, attached under one name, with the base frozen and the new classification head
-trainable (the head is fresh, so every method must learn it).
+``full`` and ``probe`` are training modes, not deltas: they only set ``requires_grad`` (``probe`` trains the
+task head alone). Every other method is a delta from :mod:`deltaformer.delta`, attached under one name,
+with the base frozen and the new classification head trainable (the head is fresh, so every method must
+learn it). Everything else about a delta method is read from the method itself: its name and mergeability
+from its :class:`~deltaformer.delta.method.Method`, its options, their help, fine-tuning defaults, option
+names and aliases from its config's field metadata, its learning rate from ``finetune_lr``. A new delta
+method therefore needs no line here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,33 +22,70 @@ from torch import nn
 from .. import delta
 from ..errors import ConfigError
 
-METHODS = ("full", "probe", "bitfit", "adapter", "lora", "prefix", "ptuning2", "prompt", "ptuning", "ia3")
+#: Training modes (no delta) and their default learning rates: small for full fine-tuning.
+MODES = {"full": 5e-5, "probe": 1e-3}
+METHODS: tuple[str, ...] = (*MODES, *delta.METHODS)
 DELTA_NAME = "default"
-#: Methods whose delta only changes existing weights, so it folds into a plain checkpoint.
-MERGEABLE = frozenset({"full", "probe", "bitfit", "lora", "ia3"})
-#: Parameter-name prefixes of the task head, trained by every method.
-HEAD_PREFIXES = ("classifier.",)
-
-#: Defaults chosen on rt-polarity with MiniLM: over 3 seeds, LoRA r=16 (alpha 32) on query/value at lr 2e-3
-#: for 3 epochs reached 0.816 test accuracy against 0.809 for full fine-tuning (r=8 at 1e-3: 0.791).
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "lora": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": ["query", "value"]},
-    "adapter": {"bottleneck": 64},
-    "prefix": {"prefix_length": 16},  # no MLP reparameterisation: peft's default (see --projection)
-    "ptuning2": {"prefix_length": 16},
-    "prompt": {"num_virtual_tokens": 16},
-    "ptuning": {"num_virtual_tokens": 16},
-    "ia3": {},
-    "bitfit": {},
-}
+#: Methods whose result folds into a plain checkpoint (the modes change only existing weights).
+MERGEABLE = frozenset({*MODES, *(name for name, m in delta.METHODS.items() if m.mergeable)})
 #: Default learning rates: small for full fine-tuning, larger for the few parameters of a delta.
-DEFAULT_LR = {"full": 5e-5, "probe": 1e-3, "bitfit": 1e-3, "adapter": 1e-3, "lora": 2e-3, "ia3": 3e-3,
-              "prefix": 3e-3, "ptuning2": 3e-3, "prompt": 3e-3, "ptuning": 3e-3}
+DEFAULT_LR: dict[str, float] = {**MODES, **{name: m.config_class.finetune_lr for name, m in delta.METHODS.items()}}
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One option of a delta method, as a config field declares it (see :class:`~deltaformer.delta.DeltaConfig`).
+
+    ``kind`` is ``int``, ``float``, ``bool`` or ``list`` (names; comma-separated on the command line).
+    """
+
+    name: str
+    field: str
+    kind: type
+    help: str
+    default: Any = None
+
+
+def method_options(method: str) -> dict[str, MethodOption]:
+    """The options ``method`` offers on the command line, by option name (empty for the modes)."""
+    if method in MODES:
+        return {}
+    cls = delta.config_class(method)
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get("cli")
+        if name:
+            out[name] = MethodOption(name, f.name, _kind(hints[f.name]), f.metadata.get("help", ""),
+                                     f.metadata.get("finetune"))
+    return out
+
+
+def _kind(hint: Any) -> type:
+    args = set(typing.get_args(hint)) or {hint}
+    if any(typing.get_origin(a) is tuple for a in args):
+        return list
+    for kind in (bool, int, float, str):
+        if kind in args:
+            return kind
+    raise TypeError(f"no command-line kind for a field of type {hint}")
+
+
+def all_options() -> dict[str, tuple[MethodOption, tuple[str, ...]]]:
+    """Every option of every method, with the methods that offer it (what the command line shows)."""
+    out: dict[str, tuple[MethodOption, tuple[str, ...]]] = {}
+    for method in METHODS:
+        for name, option in method_options(method).items():
+            shown, methods = out.get(name, (option, ()))
+            if shown.default is None and option.default is not None:  # help of a method that sets a default
+                shown = option
+            out[name] = (shown, (*methods, method))
+    return out
 
 
 @dataclass
 class MethodSpec:
-    """A method and its options (CLI names: rank, alpha, dropout, targets, prefix_length, ...)."""
+    """A method and its options (option names as :func:`method_options` gives them, or field names)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -51,12 +93,13 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}: use one of {', '.join(METHODS)}")
-        self.options = {**DEFAULT_OPTIONS.get(self.name, {}),
-                        **{k: v for k, v in self.options.items() if v is not None}}
+        defaults = {name: list(o.default) if isinstance(o.default, tuple) else o.default
+                    for name, o in method_options(self.name).items() if o.default is not None}
+        self.options = {**defaults, **{k: v for k, v in self.options.items() if v is not None}}
 
     @property
     def is_delta(self) -> bool:
-        return self.name not in ("full", "probe")
+        return self.name not in MODES
 
 
 def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
@@ -66,34 +109,32 @@ def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
             p.requires_grad_(True)
         return model
     if spec.name == "probe":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(HEAD_PREFIXES))
+        heads = {id(p) for p in delta.head_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in heads)
         return model
-    config = delta_config(spec)
-    delta.attach(model, config, DELTA_NAME)
-    delta.freeze_base(model)
-    for name, p in model.named_parameters():
-        if name.startswith(HEAD_PREFIXES):
-            p.requires_grad_(True)
-    return model
+    delta.attach(model, delta_config(spec), DELTA_NAME)
+    return delta.freeze_base(model)  # the delta's parameters and the task head train
 
 
-def delta_config(spec: MethodSpec) -> Any:
-    """Build the :mod:`deltaformer.delta` config of ``spec``, mapping CLI option names onto its fields."""
+def delta_config(spec: MethodSpec) -> delta.DeltaConfig:
+    """Build the :mod:`deltaformer.delta` config of ``spec``: option names, field names and the fields'
+    ``aliases`` all name a field."""
     cls = delta.config_class(spec.name)
-    names = {f.name for f in dataclasses.fields(cls)}
-    aliases = {"rank": ("r", "rank"), "alpha": ("alpha", "lora_alpha"), "dropout": ("dropout", "lora_dropout"),
-               "targets": ("targets", "target_modules"), "bottleneck": ("bottleneck", "reduction", "hidden"),
-               "prefix_length": ("prefix_length", "num_virtual_tokens", "length"),
-               "num_virtual_tokens": ("num_virtual_tokens", "prefix_length", "length")}
+    names: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for alias in (f.name, f.metadata.get("cli"), *f.metadata.get("aliases", ())):
+            if alias:
+                names.setdefault(alias, f.name)
     kwargs: dict[str, Any] = {}
     for option, value in spec.options.items():
-        target = next((n for n in aliases.get(option, (option,)) if n in names), None)
+        target = names.get(option)
         if target is None:
             raise ConfigError(
-                f"method {spec.name!r} has no option {option!r}: its options are {', '.join(sorted(names))}"
+                f"method {spec.name!r} has no option {option!r}: its options are "
+                f"{', '.join(sorted(f.name for f in dataclasses.fields(cls)))}"
             )
-        kwargs[target] = tuple(value) if isinstance(value, list) and option == "targets" else value
+        kwargs[target] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
 
 

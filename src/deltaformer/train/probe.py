@@ -1,7 +1,7 @@
 """Per-layer features for probing studies: what each layer of an encoder (with its deltas) makes linearly readable.
 
-The ``probe`` fine-tuning method (:mod:`deltaformer.train.methods`) trains the model's own head on its last
-layer. Probe studies instead fit a separate small classifier on *every* layer, so they need one pooled vector
+Probing is a training mode, not a delta, so it lives here. The ``probe`` fine-tuning method
+(:mod:`deltaformer.train.methods`) trains the model's own head on its last layer. Probe studies instead fit a separate small classifier on *every* layer, so they need one pooled vector
 per example and per layer; :func:`layer_features` extracts them once, under ``no_grad`` and in eval mode,
 from the encoder with whatever deltas are active (wrap the call in :func:`~deltaformer.delta.bare` or
 :func:`~deltaformer.delta.set_active` to choose).
@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import DeltaError
+from ..delta.host import host_or_none
+from ..errors import DeltaError
 
 POOLINGS = ("cls", "mean")
 #: Batch keys passed on to the encoder; others (labels, ids of examples) are ignored.
@@ -45,13 +46,12 @@ def layer_features(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], po
 
 
 def encoder_of(model: nn.Module) -> nn.Module:
-    """The encoder that owns the layers: the model itself, or its ``backbone`` (task models)."""
-    module = model
-    while not hasattr(module, "layers"):
-        module = getattr(module, "backbone", None)
-        if not isinstance(module, nn.Module):
-            raise DeltaError(f"{type(model).__name__} has no encoder layers to probe: pass an encoder or task model")
-    return module
+    """The encoder that owns the layers: the model itself, or its backbone (task models)."""
+    host = host_or_none(model)
+    encoder = host.delta_backbone() if host is not None else None
+    if not isinstance(encoder, nn.Module):
+        raise DeltaError(f"{type(model).__name__} has no encoder layers to probe: pass an encoder or task model")
+    return encoder
 
 
 def _pooled(encoder: nn.Module, batch: Mapping[str, Tensor], pooling: str, device: torch.device) -> Tensor:
@@ -60,7 +60,8 @@ def _pooled(encoder: nn.Module, batch: Mapping[str, Tensor], pooling: str, devic
     if "input_ids" not in inputs:
         raise DeltaError("a batch given to layer_features has no input_ids: pass tokenizer output batches")
     masks: list[Tensor] = []
-    hook = getattr(encoder, "prompt", None)
+    host = host_or_none(encoder)
+    hook = host.prompt_hook() if host is not None else None
     handle = hook.register_forward_hook(lambda m, args, out: masks.append(out[1])) if hook is not None else None
     try:
         states = torch.stack(encoder(**inputs, output_hidden_states=True).hidden_states)

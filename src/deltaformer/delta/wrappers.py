@@ -1,0 +1,219 @@
+"""Linear and LayerNorm layers that carry deltas: the wrapper that stands in for them and the parts inside.
+
+A wrapper keeps the wrapped layer's own ``weight``/``bias`` parameters under the same names, so the base
+state dict, HF name maps and optimizers holding base parameters all keep working. Each method with deltas
+on the layer owns one :class:`LayerPart` in it, applied in :data:`PART_ORDER`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DeltaError
+from ..nn.linear import PLAIN_LINEARS, Linear, linear
+from .config import DeltaConfig
+from .parts import StackedDelta
+from .routing import DeltaRouter, Selection
+
+#: Order in which parts of different methods apply inside one wrapped layer.
+PART_ORDER = ("ia3", "bitfit", "lora", "adapter")
+
+C = TypeVar("C", bound=DeltaConfig)
+
+
+class LayerPart(StackedDelta, ABC, Generic[C]):
+    """What a method's part in a wrapped layer must provide (LoRA, IA3, BitFit, adapters).
+
+    Its forward is split around the base layer: :meth:`on_input` may change the layer's input (only parts
+    with ``acts_on_input``), :meth:`on_output` its output; both leave what they are not about unchanged.
+    """
+
+    #: Whether :meth:`on_input` may change the input; when no chosen part does, a caller may compute the
+    #: base product itself (a fused QKV projection) and finish with :meth:`DeltaWrapper.output_side`.
+    acts_on_input: ClassVar[bool] = False
+
+    @abstractmethod
+    def add_slot(self, name: str, config: C, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
+        """Add delta ``name`` with the per-module ``options`` its method computed (a rank, a side)."""
+
+    @abstractmethod
+    def slot_state(self, s: int) -> dict[str, Tensor]:
+        """Slot ``s``'s tensors by their file key (peft's where peft has one), without padding."""
+
+    @abstractmethod
+    def load_slot_state(self, s: int, tensors: dict[str, Tensor]) -> None:
+        """Fill slot ``s`` from tensors keyed as :meth:`slot_state` writes them (shapes checked)."""
+
+    def merge_slot(self, wrapper: DeltaWrapper, s: int, sign: float) -> None:
+        """Fold slot ``s`` into the wrapper's weights (``sign`` -1: take it out again). Only mergeable
+        methods' parts implement it; :meth:`~.method.Method.merge` refuses the others before calling it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+
+    def on_input(self, x: Tensor, sel: Selection) -> Tensor:
+        return x
+
+    def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:
+        return y
+
+
+class DeltaWrapper(nn.Module):
+    """Stands in for a wrapped layer: its ``weight``/``bias`` parameters (same names) plus method parts.
+
+    ``forward``: input-side parts (IA3 input scaling), the base layer, then output-side parts in
+    :data:`PART_ORDER`. With nothing selected it is exactly the base layer.
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(self, base: nn.Module, router: DeltaRouter) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.router = router
+        self.parts: dict[str, LayerPart[Any]] = {}  # the registered part modules, in PART_ORDER
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def part_names(self) -> list[str]:
+        return list(self.parts)
+
+    def part(self, method: str) -> LayerPart[Any] | None:
+        return self.parts.get(method)
+
+    def add_part(self, part: LayerPart[Any]) -> LayerPart[Any]:
+        part.train(self.training)  # a new part starts in training mode; an eval model must not drop out
+        self.add_module(part.method, part)
+        self._order()
+        return part
+
+    def remove_part(self, method: str) -> None:
+        del self._modules[method]
+        self._order()
+
+    def _order(self) -> None:
+        self.parts = {m: p for m in PART_ORDER if isinstance(p := self._modules.get(m), LayerPart)}
+
+    def chosen(self, x: Tensor) -> list[tuple[LayerPart[Any], Selection]]:
+        """The parts that apply to this batch, with their selections, in :data:`PART_ORDER`."""
+        chosen = []
+        for part in self.parts.values():
+            sel = part.select(x.shape[0], x.device)
+            if sel is not None:
+                chosen.append((part, sel))
+        return chosen
+
+    def output_side(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """For a caller that computes the base product itself (a fused QKV projection): the function turning
+        the base output for input ``x`` into this layer's output, or None when a part changes the input."""
+        chosen = self.chosen(x)
+        if any(part.acts_on_input for part, _ in chosen):
+            return None
+
+        def finish(y: Tensor) -> Tensor:
+            for part, sel in chosen:
+                y = part.on_output(x, y, sel)
+            return y
+
+        return finish
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = self.chosen(x)
+        if not chosen:
+            return self.base_forward(x)
+        h = x
+        for part, sel in chosen:
+            h = part.on_input(h, sel)
+        y = self.base_forward(h)
+        for part, sel in chosen:
+            y = part.on_output(x, y, sel)
+        return y
+
+
+class DeltaLinear(DeltaWrapper):
+    """A wrapped ``nn.Linear`` (not a subclass: fused paths that only trust plain linears skip it)."""
+
+    def __init__(self, base: nn.Linear, router: DeltaRouter) -> None:
+        super().__init__(base, router)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def unwrap(self) -> nn.Linear:
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
+
+class DeltaLayerNorm(DeltaWrapper):
+    """A wrapped ``nn.LayerNorm`` (BitFit trains bias deltas of LayerNorms too)."""
+
+    def __init__(self, base: nn.LayerNorm, router: DeltaRouter) -> None:
+        super().__init__(base, router)
+        self.normalized_shape = base.normalized_shape
+        self.eps = base.eps
+        self.out_features = base.normalized_shape[-1]
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def unwrap(self) -> nn.LayerNorm:
+        plain = nn.LayerNorm(self.normalized_shape, eps=self.eps, bias=self.bias is not None, device="meta")
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
+
+WRAPPERS: dict[type, type[DeltaWrapper]] = {
+    **{kind: DeltaLinear for kind in PLAIN_LINEARS}, nn.LayerNorm: DeltaLayerNorm}
+
+
+def base_type(module: nn.Module) -> type | None:
+    """The plain layer type ``module`` is or wraps (Linear, LayerNorm), or None for anything else."""
+    if isinstance(module, DeltaLinear) or type(module) in PLAIN_LINEARS:
+        return nn.Linear
+    if isinstance(module, DeltaLayerNorm):
+        return nn.LayerNorm
+    return type(module) if type(module) in WRAPPERS else None
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def wrap(model: nn.Module, path: str, router: DeltaRouter) -> DeltaWrapper:
+    """The wrapper at ``path``, replacing the plain layer there on first use."""
+    module = model.get_submodule(path)
+    if isinstance(module, DeltaWrapper):
+        return module
+    cls = WRAPPERS.get(type(module))
+    if cls is None:
+        raise DeltaError(f"{path} is a {type(module).__name__}, not a plain Linear/LayerNorm: target another module")
+    wrapper = cls(module, router)
+    wrapper.train(module.training)
+    parent, child = _parent(model, path)
+    setattr(parent, child, wrapper)
+    return wrapper
+
+
+def unwrap_if_empty(model: nn.Module, path: str) -> None:
+    module = model.get_submodule(path)
+    if isinstance(module, DeltaWrapper) and not module.parts:
+        parent, child = _parent(model, path)
+        plain = module.unwrap()
+        plain.train(module.training)
+        setattr(parent, child, plain)
