@@ -1,0 +1,1 @@
+"""Quantized weights: GGUF block formats (``gguf_blocks``)."""
