@@ -46,10 +46,10 @@ class CLMSpec:
 
 def causal_lm_class(base: str | Path) -> type[PreTrainedModel]:
     """The causal-LM class of the base checkpoint's model type; a clear error for encoders."""
-    from ..config import load_config
     from ..models import auto  # noqa: F401  (fills the registry)
+    from ..models.base import read_config
 
-    config = load_config(resolve_path(base))
+    config = read_config(resolve_path(base))  # config.json or a GGUF file
     for cls in PreTrainedModel.registry.values():
         if cls.config_class is type(config) and cls.hf_architecture.endswith(LM_SUFFIXES):
             return cls

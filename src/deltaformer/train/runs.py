@@ -60,10 +60,10 @@ class LoadedRun:
 
 def classifier_class(base: str | Path) -> type[PreTrainedModel]:
     """The sequence-classification class for the base checkpoint's model type (BERT, Longformer)."""
-    from ..config import load_config
     from ..models import auto  # noqa: F401  (fills the registry: a converted Longformer finds its class)
+    from ..models.base import read_config
 
-    config = load_config(resolve_path(base))
+    config = read_config(resolve_path(base))  # config.json or a GGUF file
     for cls in PreTrainedModel.registry.values():
         if cls.config_class is type(config) and cls.hf_architecture.endswith("ForSequenceClassification"):
             return cls
