@@ -66,8 +66,8 @@ def speed_rows(ours: Any, hf: Any, tokenizer: Any, args: argparse.Namespace) -> 
         ids = prompts(tokenizer, args.prompt, batch)
         with torch.inference_mode():
             same = ours_greedy(ours, ids, args.new).tolist() == hf_greedy(hf, ids, args.new).tolist()
-            ms = interleaved_medians({"ours": lambda: ours_greedy(ours, ids, args.new),
-                                      "transformers": lambda: hf_greedy(hf, ids, args.new)}, args.repeats)
+            ms = interleaved_medians({"ours": lambda ids=ids: ours_greedy(ours, ids, args.new),
+                                      "transformers": lambda ids=ids: hf_greedy(hf, ids, args.new)}, args.repeats)
         tokens = batch * args.new
         rows.append({"mode": f"greedy_b{batch}", "prompt": args.prompt, "new": args.new, "batch": batch,
                      "ours_tokens_per_s": round(tokens / ms["ours"] * 1000, 1),

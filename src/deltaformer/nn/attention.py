@@ -17,7 +17,6 @@ from .kv_cache import CacheLayer
 from .linear import PLAIN_LINEARS, Linear, linear
 from .patterns import ExtraKV, Full, Pattern
 
-
 #: Below this many input positions the Q/K/V projections run one by one (see ``SelfAttention.project_qkv``).
 FUSE_MIN_ROWS = 64
 
