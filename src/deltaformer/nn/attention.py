@@ -17,6 +17,9 @@ from .kv_cache import CacheLayer
 from .linear import PLAIN_LINEARS, Linear, linear
 from .patterns import ExtraKV, Full, Pattern
 
+#: Below this many input positions the Q/K/V projections run one by one (see ``SelfAttention.project_qkv``).
+FUSE_MIN_ROWS = 64
+
 
 class SelfAttention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention.
@@ -97,9 +100,13 @@ class SelfAttention(nn.Module):
         Plain projections, or wrapped ones whose deltas only act on outputs (LoRA, BitFit, output-side
         IA3; they offer ``output_side``), run on concatenated weights: ``x`` is read once and backward
         computes one input gradient instead of three that must then be summed. Anything else (an input-side
-        delta, a mix of biased and unbiased projections) runs the three layers one by one.
+        delta, a mix of biased and unbiased projections) runs the three layers one by one, and so do inputs of
+        fewer than ``FUSE_MIN_ROWS`` positions (a decoding step): concatenating the weights would then copy
+        more memory than the three products read.
         """
         layers = (self.query, self.key, self.value)
+        if x.numel() < FUSE_MIN_ROWS * x.shape[-1]:
+            return self.query(x), self.key(x), self.value(x)
         finishes = [_output_side(layer, x) for layer in layers]
         biases = [layer.bias for layer in layers]
         if any(f is None for f in finishes) or len({b is None for b in biases}) > 1:

@@ -1,0 +1,180 @@
+"""Decoding speed: ``deltaformer.generation`` against ``transformers``' ``generate``, and per-sample deltas.
+
+SmolLM2-135M-Instruct in fp32, the same weights in both libraries (the GGUF asset converted once by
+``transformers``' own GGUF loader, then loaded by each), ``torch.set_num_threads(--threads)``. Every timing is
+a median of ``--repeats`` interleaved runs (benchmarks/timing.py). One JSON line per measurement:
+
+* ``greedy_b1`` / ``greedy_b8``: greedy decoding of a ``--prompt``-token prompt (batch 1, and 8 different
+  prompts left-padded... here all 8 of equal length) for ``--new`` new tokens (eos off, so both generate all
+  of them): new tokens/s of each and ``speedup`` (targets: >= 2.0 at batch 1, >= 1.5 at batch 8); ``same_ids``:
+  our ids equal HF's;
+* ``prefill``: one forward of the batch-1 prompt into an empty cache: prompt tokens/s (target >= 1.2x);
+* ``lora8``: 8 prompts on 8 different LoRA deltas (r=8, query/value, B random) generated in one batch
+  (``mixed``), against the same 8 prompts all on one delta (``single``; target mixed <= 1.25x single), against
+  one sub-batch per delta (``per_delta``; mixed must not be slower), and peft on the same adapters (saved by
+  us, loaded by ``PeftModel``): one batch with ``adapter_names`` (``peft_mixed``) and one adapter at a time
+  (``peft_per_adapter``); ``same_ids``: mixed equals per_delta.
+
+The GGUF loading peak-RSS comparison is ``benchmarks/gguf_load.py``.
+
+    python benchmarks/decode.py [--prompt 128] [--new 128] [--repeats 5] [--threads 2]
+    python benchmarks/decode.py --quick      # 16-token prompts, 8 new tokens, 1 repeat: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from serve import hf_checkpoint
+from timing import interleaved_medians
+
+from deltaformer import delta
+from deltaformer.generation import generate
+from deltaformer.models import LlamaForCausalLM
+
+N_DELTAS = 8
+
+
+def prompts(tokenizer: Any, length: int, batch: int) -> torch.Tensor:
+    """(batch, length) ids of different real sentences, cut or repeated to ``length`` tokens."""
+    text = ("The history of the printing press begins in the fifteenth century, when movable type changed how "
+            "books were made, sold and read across Europe. ")
+    rows = []
+    for b in range(batch):
+        ids = tokenizer.encode(f"Story {b}: " + text * (1 + length // 20))
+        rows.append(ids[:length])
+    return torch.tensor(rows)
+
+
+def hf_greedy(model: Any, ids: torch.Tensor, new: int, **extra: Any) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0, **extra)
+
+
+def ours_greedy(model: Any, ids: torch.Tensor, new: int, **extra: Any) -> torch.Tensor:
+    return generate(model, ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0, **extra)
+
+
+def speed_rows(ours: Any, hf: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for batch in (1, 8):
+        ids = prompts(tokenizer, args.prompt, batch)
+        with torch.inference_mode():
+            same = ours_greedy(ours, ids, args.new).tolist() == hf_greedy(hf, ids, args.new).tolist()
+            ms = interleaved_medians({"ours": lambda ids=ids: ours_greedy(ours, ids, args.new),
+                                      "transformers": lambda ids=ids: hf_greedy(hf, ids, args.new)}, args.repeats)
+        tokens = batch * args.new
+        rows.append({"mode": f"greedy_b{batch}", "prompt": args.prompt, "new": args.new, "batch": batch,
+                     "ours_tokens_per_s": round(tokens / ms["ours"] * 1000, 1),
+                     "transformers_tokens_per_s": round(tokens / ms["transformers"] * 1000, 1),
+                     "speedup": round(ms["transformers"] / ms["ours"], 3), "target": 2.0 if batch == 1 else 1.5,
+                     "same_ids": same})
+    ids = prompts(tokenizer, args.prompt, 1)
+
+    def ours_prefill() -> None:
+        cache = ours.new_cache(1, ids.shape[1] + 1)
+        ours(ids, cache=cache, last_only=True)
+
+    def hf_prefill() -> None:
+        hf(ids, use_cache=True, logits_to_keep=1)
+
+    with torch.inference_mode():
+        ms = interleaved_medians({"ours": ours_prefill, "transformers": hf_prefill}, args.repeats)
+    rows.append({"mode": "prefill", "prompt": args.prompt,
+                 "ours_tokens_per_s": round(args.prompt / ms["ours"] * 1000, 1),
+                 "transformers_tokens_per_s": round(args.prompt / ms["transformers"] * 1000, 1),
+                 "speedup": round(ms["transformers"] / ms["ours"], 3), "target": 1.2})
+    return rows
+
+
+def lora_rows(ours: Any, checkpoint: Path, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    names = [f"d{k}" for k in range(N_DELTAS)]
+    for name in names:
+        delta.attach(ours, delta.LoraConfig(r=8, alpha=16, targets=("query", "value"), init=False), name)
+    ids = prompts(tokenizer, args.prompt, N_DELTAS)
+    with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
+        dirs = {n: delta.save_delta(ours, Path(tmp) / n, n) for n in names}
+        base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        theirs = peft.PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+        for n in names[1:]:
+            theirs.load_adapter(dirs[n], adapter_name=n)
+        theirs.eval()
+
+    def mixed() -> torch.Tensor:
+        return ours_greedy(ours, ids, args.new, deltas=names)
+
+    def single() -> torch.Tensor:
+        return ours_greedy(ours, ids, args.new, deltas=[names[0]] * N_DELTAS)
+
+    def per_delta() -> torch.Tensor:
+        out = []
+        for k, n in enumerate(names):
+            delta.set_active(ours, n)
+            out.append(ours_greedy(ours, ids[k:k + 1], args.new))
+        return torch.cat(out)
+
+    def peft_mixed() -> torch.Tensor:
+        return hf_greedy(theirs, ids, args.new, adapter_names=names)
+
+    def peft_per_adapter() -> torch.Tensor:
+        out = []
+        for k, n in enumerate(names):
+            theirs.set_adapter(n)
+            out.append(hf_greedy(theirs, ids[k:k + 1], args.new))
+        return torch.cat(out)
+
+    fns = {"mixed": mixed, "single": single, "per_delta": per_delta, "peft_mixed": peft_mixed,
+           "peft_per_adapter": peft_per_adapter}
+    with torch.inference_mode():
+        same = mixed().tolist() == per_delta().tolist()
+        same_peft = mixed().tolist() == peft_mixed().tolist()
+        ms = interleaved_medians(fns, args.repeats)
+    row = {"mode": "lora8", "prompt": args.prompt, "new": args.new, "batch": N_DELTAS,
+           **{f"{k}_ms": round(v, 1) for k, v in ms.items()},
+           "mixed_over_single": round(ms["mixed"] / ms["single"], 3), "target_mixed_over_single": 1.25,
+           "mixed_over_per_delta": round(ms["mixed"] / ms["per_delta"], 3),
+           "mixed_over_peft_mixed": round(ms["mixed"] / ms["peft_mixed"], 3),
+           "same_ids": same, "same_ids_as_peft": same_peft}
+    for name in names:
+        delta.detach(ours, name)
+    return [row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="asset name or HF directory of a Llama-family LM")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--new", type=int, default=128, help="new tokens (default 128)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-lora", action="store_true", help="only the speed rows")
+    parser.add_argument("--quick", action="store_true", help="16-token prompts, 8 new tokens, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompt, args.new, args.repeats = 16, 8, 1
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    checkpoint = hf_checkpoint(args.model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+    ours = LlamaForCausalLM.from_pretrained(checkpoint).eval()
+    rows = speed_rows(ours, hf, tokenizer, args)
+    if not args.skip_lora:
+        rows += lora_rows(ours, checkpoint, tokenizer, args)
+    for row in rows:
+        print(json.dumps({"benchmark": "decode", "model": args.model, "threads": args.threads, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
