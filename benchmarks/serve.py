@@ -60,7 +60,12 @@ def hf_checkpoint(asset: str) -> Path:
 
         gguf = next(path.glob("*.gguf"))
         model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf.name, dtype=torch.float32)
-        model.save_pretrained(out)
+        config = model.config
+        if hasattr(config, "quantization_config"):  # dequantized on load; transformers refuses to save "gguf"
+            del config.quantization_config
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(out)
         transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf.name).save_pretrained(out)
     return out
 
@@ -94,8 +99,7 @@ async def load(url: str, requests: list[dict[str, Any]], clients: int, limit: fl
                 i = todo.get_nowait()
                 start = time.perf_counter()
                 reply = await http.post("/v1/completions", json=requests[i])
-                reply.raise_for_status()
-                answers[i] = reply.json()
+                answers[i] = reply.json()  # a failed request keeps OpenAI's error JSON, counted below
                 latencies[i] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -119,8 +123,13 @@ def serve_mode(model: torch.nn.Module, tokenizer: Any, dirs: dict[str, Path], na
     finally:
         for name in used:
             service.registry.remove(name)
-    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-    return summary(tokens, wall, latencies, max_batch=max_batch), [a["choices"][0]["text"] for a in answers]
+    done = [a for a in answers if "choices" in a]
+    failed = [a["error"]["message"] for a in answers if "error" in a]
+    tokens = sum(a["usage"]["completion_tokens"] for a in done)
+    result = summary(tokens, wall, latencies, max_batch=max_batch, failed_requests=len(failed))
+    if failed:
+        result["first_error"] = failed[0]
+    return result, [a["choices"][0]["text"] if "choices" in a else None for a in answers]
 
 
 def summary(tokens: int, wall: float, latencies: list[float], **extra: Any) -> dict[str, Any]:

@@ -79,6 +79,6 @@ def test_settings_are_checked():
         ServeConfig(max_batch=0)
     with pytest.raises(ConfigError, match="API key"):
         ServeConfig(api_key="has space")
-    with pytest.raises(ConfigError, match="default_max_tokens"):
-        ServeConfig(default_max_tokens=100, max_tokens_limit=10)
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        ServeConfig(max_body_bytes=10)
     assert ServeConfig().host == "127.0.0.1"

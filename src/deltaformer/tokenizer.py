@@ -118,7 +118,7 @@ class AutoTokenizer:
                 f"tokenizer path {path} does not exist; pass a model directory holding tokenizer.json or vocab.txt"
             )
         config = _read_json(path / "special_tokens_map.json") | _read_json(path / "tokenizer_config.json")
-        specials = {kind: _content(config.get(f"{kind}_token")) for kind in SPECIAL_KINDS}
+        specials: dict[str, str | None] = {kind: _content(config.get(f"{kind}_token")) for kind in SPECIAL_KINDS}
         if (path / "tokenizer.json").is_file():
             try:
                 backend = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -135,9 +135,9 @@ class AutoTokenizer:
                     if v in vocab
                 }
         elif (path / "vocab.txt").is_file():
-            specials = {k: specials.get(k) or v for k, v in BERT_SPECIALS.items()} | {
-                k: specials[k] for k in ("bos", "eos")
-            }
+            found = specials
+            specials = {k: found.get(k) or v for k, v in BERT_SPECIALS.items()}
+            specials.update({k: found[k] for k in ("bos", "eos")})
             backend = _bert_from_vocab(path / "vocab.txt", config, specials)
         else:
             raise TokenizerError(
@@ -220,6 +220,7 @@ class AutoTokenizer:
             if trunc is None:
                 self._backend.no_truncation()
             else:
+                assert max_length is not None  # a truncation strategy comes with a length
                 self._backend.enable_truncation(max_length, strategy=trunc, direction=self.truncation_side)
             if pad is None:
                 self._backend.no_padding()
@@ -305,7 +306,7 @@ class AutoTokenizer:
         if isinstance(tokens, str):
             found = self._backend.token_to_id(tokens)
             return self.unk_token_id if found is None else found
-        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
+        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]  # each t is a str, so each result an int
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> Any:
         """Token strings of ids (one id gives one string)."""
@@ -484,7 +485,7 @@ def train_tokenizer(
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##")
         specials: dict[str, str | None] = dict(BERT_SPECIALS)
-        trainer = trainers.WordPieceTrainer(
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=list(BERT_SPECIALS.values()),

@@ -34,10 +34,10 @@ class Output:
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]  # subclasses are dataclasses
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]  # subclasses are dataclasses
 
 
 @dataclass
@@ -91,6 +91,8 @@ class PreTrainedModel(nn.Module):
     registry: ClassVar[dict[str, type[PreTrainedModel]]] = {}
     #: The router of attached deltas (a ``deltaformer.delta.routing.DeltaRouter``, set by ``delta.attach``).
     delta_router: Any = None
+    #: What loading the checkpoint did (set by :meth:`from_pretrained`).
+    load_report: LoadReport
     #: The input hook of prompt-based deltas, on backbones that run one (see :meth:`delta_backbone`).
     prompt: nn.Module | None
 
@@ -188,7 +190,7 @@ class PreTrainedModel(nn.Module):
         path = resolve_path(name_or_path)
         gguf = find_gguf(path)
         checkpoint = open_gguf(gguf) if gguf is not None else None
-        config = ModelConfig.from_dict(checkpoint.hf_config()) if checkpoint is not None else load_config(path)
+        config = read_config(path)
         if not isinstance(config, cls.config_class):
             raise ConfigError(
                 f"{path} holds a {config.model_type!r} model; {cls.__name__} needs {cls.config_class.model_type!r}"
@@ -305,6 +307,12 @@ class PreTrainedModel(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The config of a resolved checkpoint: its ``config.json``, or a GGUF file's metadata."""
+    gguf = find_gguf(path)
+    return ModelConfig.from_dict(open_gguf(gguf).hf_config()) if gguf is not None else load_config(path)
 
 
 def resolve_path(name_or_path: str | Path) -> Path:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,20 +52,23 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await asyncio.to_thread(service.scheduler.stop)
 
-    app = FastAPI(title="deltaformer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.service = service
     settings = service.settings
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if settings.api_key is not None and request.url.path not in OPEN_ROUTES:
-            header = request.headers.get("authorization", "")
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
-                why = "no API key given" if not header else "the API key is wrong"
-                return _error(ApiError(401, f"{why}: send 'Authorization: Bearer KEY' with the server's --api-key",
-                                       code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    async def authenticate(request: Request) -> None:
+        """Every route but /health needs the key when one is set (a dependency, not a middleware, so the
+        routes still see the client's disconnect)."""
+        if settings.api_key is None or request.url.path in OPEN_ROUTES:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            why = "no API key given" if not header else "the API key is wrong"
+            raise ApiError(401, f"{why}: send 'Authorization: Bearer KEY' with the server's --api-key",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="deltaformer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  dependencies=[Depends(authenticate)])
+    app.state.service = service
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -173,8 +176,8 @@ def _need_key(api_key: str | None) -> None:
                        code="api_key_required")
 
 
-def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _collect(service: Service, job: Job, request: Request) -> tuple[list[str], list[str], int]:

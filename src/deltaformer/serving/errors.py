@@ -20,8 +20,10 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 class ApiError(DeltaformerError):
     """A request the server refuses: HTTP ``status`` plus a one-line message that says what to change."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param

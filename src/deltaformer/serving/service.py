@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from .registry import DeltaRegistry
 from .scheduler import Event, Scheduler, Sequence
 from .schemas import ChatRequest, CompletionRequest
 from .settings import ServeConfig
+
+#: How often a waiting request asks whether its client is still connected (seconds).
+DISCONNECT_CHECK_S = 0.25
 
 
 @dataclass
@@ -74,7 +78,8 @@ class Service:
         max_tokens = request.max_tokens
         if isinstance(request, ChatRequest):
             max_tokens = request.max_completion_tokens or max_tokens
-        default = self.settings.default_max_tokens if isinstance(request, CompletionRequest) else None
+        default = (min(self.settings.default_max_tokens, self.settings.max_tokens_limit)
+                   if isinstance(request, CompletionRequest) else None)
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of "
                            f"{self.settings.max_tokens_limit}: ask for fewer", param="max_tokens",
@@ -137,13 +142,18 @@ class Service:
         """The submitted job's events until every sequence has ended; leaving early (the client went away,
         the caller stopped iterating) takes the sequences out of the batch."""
         open_ = len(job.sequences)
+        checked = time.monotonic()
         try:
             while open_:
                 try:
-                    event = await asyncio.wait_for(job.queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(job.queue.get(), timeout=DISCONNECT_CHECK_S)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # tokens may flow without pause
+                    checked = time.monotonic()
                     if await disconnected():
                         return
+                if event is None:
                     continue
                 if event.error is not None:
                     raise event.error

@@ -24,7 +24,8 @@ class ServeConfig:
         "min": 1, "help": "longest prompt in tokens (default: the model's context minus max_tokens_limit)"})
     max_tokens_limit: int = field(default=512, metadata={"min": 1, "help": "largest max_tokens a request may ask"})
     default_max_tokens: int = field(default=16, metadata={
-        "min": 1, "help": "max_tokens of a request that gives none (OpenAI's completions default)"})
+        "min": 1, "help": "max_tokens of a completion request that gives none (OpenAI's default; at most "
+                     "max_tokens_limit)"})
     max_body_bytes: int = field(default=1 << 20, metadata={"min": 1024, "help": "largest request body (413 above)"})
     max_stop_strings: int = field(default=4, metadata={"min": 0, "help": "stop strings per request (OpenAI: 4)"})
     delta_roots: tuple[str, ...] = field(default=(), metadata={
@@ -37,6 +38,3 @@ class ServeConfig:
             raise ConfigError("ServeConfig.host is empty: pass an address such as 127.0.0.1")
         if self.api_key is not None and (not self.api_key.strip() or any(c.isspace() for c in self.api_key)):
             raise ConfigError("the API key is empty or holds whitespace: choose a key without spaces")
-        if self.default_max_tokens > self.max_tokens_limit:
-            raise ConfigError(f"default_max_tokens {self.default_max_tokens} is above max_tokens_limit "
-                              f"{self.max_tokens_limit}: lower it or raise the limit")
