@@ -19,7 +19,8 @@ Targets (from the papers): calibration raises the mean by >= 3 points or cuts th
 head by >= 5 points with 32 examples; instruction tuning beats the untuned zero-shot on the held-out task;
 routed scoring >= 1.8x faster than sequential. ``summary`` lines compare each to its target.
 
-``--quick`` (40 test examples, 2 seeds, k = 4, 20 training steps, 20 instruction examples per task) proves the
+``--quick`` (40 test examples, 2 seeds, k = 4 from 400 training examples, 20 training steps, 20 instruction
+examples per task) proves the
 script works in a few minutes on a CPU; the full run (all test examples, 5 seeds, 250 PET steps, 200
 instruction examples per task) is hours on 2 CPU cores and minutes on a GPU.
 
@@ -104,7 +105,8 @@ def icl(model: str, task: str, k: int, strategy: str, args) -> dict[str, Any]:
     for seed in seeds:
         r = evaluate_task(TaskEvalSpec(model, task, setup_for(task, True, args.max_length), shots=k, strategy=strategy,
                                        seed=seed, calibrate=True, limit=args.limit, batch_size=args.batch_size,
-                                       demo_max_tokens=args.demo_tokens, preloaded=preloaded(model)))
+                                       demo_max_tokens=args.demo_tokens, pool_limit=args.pool,
+                                       preloaded=preloaded(model)))
         raw.append(r["accuracy"])
         cal.append(r["calibrated"]["accuracy"])
         dropped += r["dropped_demonstrations"]
@@ -199,6 +201,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quick = args.quick
     args.limit = 40 if quick else None
+    args.pool = 400 if quick else None  # demonstrations (and nearest neighbours) from this many training examples
     args.seeds = 2 if quick else 5
     args.shots = [4] if quick else [4, 8, 16]
     args.steps = 20 if quick else 250

@@ -47,6 +47,7 @@ class TaskEvalSpec:
     device: str | None = None
     generate: bool = False
     max_new_tokens: int = 8
+    pool_limit: int | None = None  # draw demonstrations from the first N training examples only
     preloaded: tuple[nn.Module, Any, str] | None = None  # (lm, tokenizer, kind) already loaded from ``model``
 
 
@@ -97,7 +98,8 @@ def evaluate_task(spec: TaskEvalSpec) -> dict[str, Any]:
     selector = None
     if spec.shots:
         encoder = SentenceEncoder(spec.encoder, device) if spec.strategy == "nearest" else None
-        selector = DemonstrationSelector(task.split("train"), spec.shots, spec.strategy, spec.seed, task.labels,
+        pool = task.split("train")[:spec.pool_limit] if spec.pool_limit else task.split("train")
+        selector = DemonstrationSelector(pool, spec.shots, spec.strategy, spec.seed, task.labels,
                                          encoder)
     from .calibration import CONTENT_FREE
 
