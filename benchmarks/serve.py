@@ -1,9 +1,10 @@
 """``deltaformer serve`` under load: continuous batching over per-request deltas against one request at a
 time, and against peft (one adapter per sub-batch).
 
-SmolLM2-135M (fp32), 4 LoRA deltas (r=8, query/value, B random so each changes the answers) and the bare
-model; ``--requests`` greedy completions of ``--tokens`` new tokens each, sent by ``--clients`` concurrent
-clients to a real server on 127.0.0.1, request i on model i % 5. Modes, one JSON line each:
+SmolLM2-135M-Instruct (the Q4_1 GGUF asset, dequantized to fp32 by both libraries), 4 LoRA deltas (r=8,
+query/value, B random so each changes the answers) and the bare model; ``--requests`` greedy completions of
+``--tokens`` new tokens each, sent by ``--clients`` concurrent clients to a real server on 127.0.0.1, request
+i on model i % 5. Modes, one JSON line each:
 
 * ``batched``: the server with ``--max-batch`` rows decoding together (rows join and leave between steps);
 * ``one_at_a_time``: the same server with one row, the same load (the reference of the >= 3x target);
@@ -46,28 +47,35 @@ PROMPTS = ["Once upon a time, in a small village by the sea,", "The three most i
            "The history of the printing press begins"]
 
 
-def hf_checkpoint(asset: str) -> Path:
-    """An HF directory of the asset: the asset itself when it is one, else its GGUF file converted once with
-    transformers (cached beside the assets)."""
+def load_ours(asset: str) -> tuple[torch.nn.Module, Any]:
+    """Our model and tokenizer: an HF directory through ``load_model``, a GGUF asset through our reader."""
+    from deltaformer.checkpoints.gguf import GGUFCheckpoint, find_gguf
+    from deltaformer.config import LlamaConfig
+    from deltaformer.models import LlamaForCausalLM
+    from deltaformer.models.auto import load_model
     from deltaformer.models.base import resolve_path
 
     path = Path(resolve_path(asset))
     if (path / "config.json").is_file():
-        return path
-    out = Path.home() / ".cache" / "deltaformer" / "bench" / f"{asset}-hf"
-    if not (out / "config.json").is_file():
-        import transformers
+        return load_model(path).eval(), AutoTokenizer.from_pretrained(path)
+    checkpoint = GGUFCheckpoint(find_gguf(path))
+    model = LlamaForCausalLM(LlamaConfig.from_dict(checkpoint.hf_config())).eval()
+    model.load_hf_state_dict(dict(checkpoint.hf_tensors()))
+    return model, checkpoint.tokenizer()
 
-        gguf = next(path.glob("*.gguf"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf.name, dtype=torch.float32)
-        config = model.config
-        if hasattr(config, "quantization_config"):  # dequantized on load; transformers refuses to save "gguf"
-            del config.quantization_config
-        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(out)
-        transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf.name).save_pretrained(out)
-    return out
+
+def load_hf(asset: str) -> tuple[Any, Any]:
+    """transformers' model and tokenizer of the same checkpoint (its own GGUF reader for a GGUF asset)."""
+    import transformers
+
+    from deltaformer.checkpoints.gguf import find_gguf
+    from deltaformer.models.base import resolve_path
+
+    path = Path(resolve_path(asset))
+    extra = {} if (path / "config.json").is_file() else {"gguf_file": find_gguf(path).name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left", **extra)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+    return model, tokenizer
 
 
 def make_deltas(model: torch.nn.Module, root: Path) -> dict[str, Path]:
@@ -139,16 +147,14 @@ def summary(tokens: int, wall: float, latencies: list[float], **extra: Any) -> d
             "p50_s": round(statistics.median(ordered), 3), "p95_s": round(p95, 3), **extra}
 
 
-def peft_mode(checkpoint: Path, dirs: dict[str, Path], names: list[str | None], args: argparse.Namespace
+def peft_mode(asset: str, dirs: dict[str, Path], names: list[str | None], args: argparse.Namespace
               ) -> dict[str, Any]:
     """transformers + peft: each adapter's requests as one left-padded generate (the bare ones with the
     adapters disabled); a request's latency is the time until its group is done."""
     import peft
-    import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    base, tokenizer = load_hf(asset)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     adapters = [n for n in dict.fromkeys(names) if n is not None]
     model = peft.PeftModel.from_pretrained(base, dirs[adapters[0]], adapter_name=adapters[0])
     for name in adapters[1:]:
@@ -194,11 +200,7 @@ def main() -> None:
     if args.quick:
         args.requests, args.clients, args.tokens, args.max_batch = 10, 4, 8, 4
     torch.set_num_threads(args.threads)
-    from deltaformer.models.auto import load_model
-
-    checkpoint = hf_checkpoint(args.model)
-    model = load_model(checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model, tokenizer = load_ours(args.model)
     lora = [None, "lora0", "lora1", "lora2", "lora3"]
     mixed = [None, "lora0", "lora1", "prefix", "prompt"]
     common = {"bench": "serve", "model": args.model, "requests": args.requests, "clients": args.clients,
@@ -220,7 +222,7 @@ def main() -> None:
         print(json.dumps({**common, "mode": "batched_mixed_methods", "deltas": "2 lora + prefix + prompt + bare",
                           **mixed_run}), flush=True)
         if not args.no_peft:
-            result = peft_mode(checkpoint, dirs, lora, args)
+            result = peft_mode(args.model, dirs, lora, args)
             result.update(batched_speedup_over_peft=round(batched["tokens_per_s"] / result["tokens_per_s"], 2))
             print(json.dumps({**common, "mode": "peft", "deltas": "4 lora + bare", **result}), flush=True)
 

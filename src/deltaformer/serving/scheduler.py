@@ -104,13 +104,14 @@ class Scheduler:
         with self.lock:
             if self.stopping or self.failure:
                 raise ApiError(503, f"the server is shutting down{': ' + self.failure if self.failure else ''}")
+            if len(sequences) > self.settings.max_batch + self.settings.max_queue:
+                raise ApiError(400, f"{len(sequences)} prompts are more than the server holds at once "
+                               f"({self.settings.max_batch + self.settings.max_queue}): send fewer", param="prompt")
             busy = len(self.waiting) + len(self.live)
             room = self.settings.max_batch + self.settings.max_queue - busy
             if len(sequences) > room:
                 raise ApiError(429, f"the server is busy ({len(self.live)} decoding, {len(self.waiting)} waiting): "
                                "retry later", code="queue_full")
-            if len(sequences) > self.settings.max_batch + self.settings.max_queue:
-                raise ApiError(400, "more prompts than the server holds at once: send fewer", param="prompt")
             for seq in sequences:
                 seq.stream = IncrementalText(self.tokenizer, seq.stops)
                 self.waiting.append(seq)
@@ -188,6 +189,10 @@ class Scheduler:
         with self.lock:
             free = self.settings.max_batch - len(self.live)
             batch = [self.waiting.popleft() for _ in range(min(free, most or free, len(self.waiting)))]
+        for seq in [s for s in batch if s.delta is not None and s.delta not in self.registry.deltas]:
+            batch.remove(seq)  # removed after the request named it: that request alone fails
+            self._finish(seq, "error", ApiError(404, f"delta {seq.delta!r} was removed: ask for another model",
+                                                param="model", code="model_not_found"))
         if not batch:
             return
         self.joining = batch
