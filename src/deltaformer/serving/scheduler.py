@@ -17,11 +17,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -62,7 +61,6 @@ class Sequence:
     tokens: int = 0
     cancelled: bool = False
     done: bool = False
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
@@ -80,7 +78,6 @@ class Scheduler:
         self.calls: list[tuple[Callable[[], Any], Future]] = []
         self.lock = threading.Condition()
         self.stopping = False
-        self.failure: str | None = None
         self.steps = 0
         self.generated = 0
         self.joining: list[Sequence] = []  # being prefilled: not yet in ``live``, their row ids not yet known
@@ -102,8 +99,8 @@ class Scheduler:
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue sequences (all of one request, or none of them: 429 when the queue is full)."""
         with self.lock:
-            if self.stopping or self.failure:
-                raise ApiError(503, f"the server is shutting down{': ' + self.failure if self.failure else ''}")
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down")
             if len(sequences) > self.settings.max_batch + self.settings.max_queue:
                 raise ApiError(400, f"{len(sequences)} prompts are more than the server holds at once "
                                f"({self.settings.max_batch + self.settings.max_queue}): send fewer", param="prompt")
