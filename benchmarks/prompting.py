@@ -79,9 +79,22 @@ def setup_for(task: str, chat: bool, max_length: int) -> prompting.PromptSetup:
     return prompting.PromptSetup([MLM_TEMPLATE], [MLM_WORDS], max_length)
 
 
+LOADED: dict[str, Any] = {}
+
+
+def preloaded(model: str) -> Any:
+    """The LM of ``model``, loaded once for every evaluation that attaches no delta (a run directory: None)."""
+    if (Path(model) / "run.json").is_file():
+        return None
+    if model not in LOADED:
+        LOADED[model] = prompting.lm.load_lm(model)
+    return LOADED[model]
+
+
 def zero_shot(model: str, task: str, chat: bool, args) -> dict[str, Any]:
     r = evaluate_task(TaskEvalSpec(model, task, setup_for(task, chat, args.max_length), calibrate=True,
-                                   limit=args.limit, batch_size=args.batch_size, demo_max_tokens=args.demo_tokens))
+                                   limit=args.limit, batch_size=args.batch_size, demo_max_tokens=args.demo_tokens,
+                                   preloaded=preloaded(model)))
     return {"accuracy": r["accuracy"], "calibrated": r["calibrated"]["accuracy"], "examples": r["examples"]}
 
 
@@ -91,7 +104,7 @@ def icl(model: str, task: str, k: int, strategy: str, args) -> dict[str, Any]:
     for seed in seeds:
         r = evaluate_task(TaskEvalSpec(model, task, setup_for(task, True, args.max_length), shots=k, strategy=strategy,
                                        seed=seed, calibrate=True, limit=args.limit, batch_size=args.batch_size,
-                                       demo_max_tokens=args.demo_tokens))
+                                       demo_max_tokens=args.demo_tokens, preloaded=preloaded(model)))
         raw.append(r["accuracy"])
         cal.append(r["calibrated"]["accuracy"])
         dropped += r["dropped_demonstrations"]

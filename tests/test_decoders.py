@@ -244,3 +244,24 @@ def test_bad_decoder_inputs_are_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=4))
     with pytest.raises(InputError, match="longer than the model's 4 positions"):
         gpt2(ids)
+
+
+def test_dynamic_rope_decoding_matches_transformers_cache(tmp_path):
+    """Dynamic NTK scaling changes frequencies with the length, so decoding past the context is not the full
+    forward (in HF either); each step equals HF's own cached step."""
+    from transformers import DynamicCache
+
+    family, overrides = CONFIGS["llama-dynamic"]
+    hf, path = make_hf(tmp_path, family, **overrides)
+    ours = ours_for(family).from_pretrained(path)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        past = DynamicCache(config=hf.config)
+        theirs = [hf(ids[:, :6], past_key_values=past, use_cache=True).logits]
+        cache = ours.new_cache(2, 12)
+        mine = [ours(ids[:, :6], cache=cache).logits]
+        for t in range(6, 12):
+            theirs.append(hf(ids[:, t:t + 1], past_key_values=past, use_cache=True,
+                             position_ids=torch.full((2, 1), t)).logits)
+            mine.append(ours(ids[:, t:t + 1], cache=cache).logits)
+        torch.testing.assert_close(torch.cat(mine, 1), torch.cat(theirs, 1), atol=ATOL, rtol=0)

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from deltaformer.cli.main import main
-from deltaformer.cli.plot_attention import longformer_dense, pattern_matrix
+from deltaformer.cli.plot_attention import pattern_matrix
 from deltaformer.nn.banded import window_to_dense
-from deltaformer.nn.sliding import GlobalTokens, LongformerMask, LongformerSelfAttention, SlidingWindow
+from deltaformer.nn.sliding import (
+    GlobalTokens,
+    LongformerMask,
+    LongformerSelfAttention,
+    SlidingWindow,
+    dense_weights,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +48,7 @@ def test_pattern_marks_exactly_the_cells_the_kernel_weighs(window, dilation, pos
     mask = LongformerMask(torch.ones(1, seq, dtype=torch.bool), GlobalTokens.from_mask(glob))
     with torch.no_grad():
         _, (local, global_) = attn(torch.randn(1, seq, 16), mask, need_weights=True)
-    dense = longformer_dense(local[0], None if global_ is None else global_[0].transpose(1, 2), positions,
+    dense = dense_weights(local[0], None if global_ is None else global_[0].transpose(1, 2), positions,
                              window, dilation)
     torch.testing.assert_close(dense.sum(-1), torch.ones(2, seq))
     expected = pattern_matrix(seq, window, dilation, positions)

@@ -137,6 +137,8 @@ def test_instruction_tuning_lowers_the_reply_loss_through_the_trainer(tokenizer,
 def test_routed_patterns_on_a_decoder_read_their_answers(tokenizer, method, options):
     """Two patterns under two deltas of a decoder, one routed batch, equal each row alone under its delta."""
     lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    if method != "lora" and lm.delta_backbone() is None:
+        pytest.skip("input-side deltas on decoders need the decoder's prompt hook (delta_backbone)")
     setup = prompting.PromptSetup(["review: {text} sentiment: {mask}", "{text} it was {mask}"], [VERBALIZER],
                                   max_length=96, class_reduce="logsumexp")
     model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup, MethodSpec(method, options))
@@ -181,3 +183,22 @@ def test_generation_evaluation_parses_labels(tokenizer):
     result = evaluate_by_generation(causal_renderer(tokenizer), lm, [Example("a good film", None, "positive")] * 3,
                                     max_new_tokens=3)
     assert result["examples"] == 3 and 0 <= result["parsed"] <= 1 and len(result["answers"]) == 3
+
+
+@pytest.mark.parametrize("method", [None, "lora", "ia3"])
+def test_shared_prompt_scoring_equals_full_rows(tokenizer, method):
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    setup = prompting.PromptSetup(["review: {text} sentiment: {mask}", "{text} it was {mask}"], [VERBALIZER],
+                                  max_length=96, word_reduce="mean")
+    model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup,
+                                         MethodSpec(method) if method else None)
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    data = [Example("the film was good"), Example("a bad movie with a dull story and awful acting"), Example("fun")]
+    rendered = model.render(data, LABELS)
+    shared = prompting.score_rendered(model, rendered, batch_size=2)
+    model.share_prompts = False
+    full = prompting.score_rendered(model, rendered, batch_size=2)
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -71,3 +71,30 @@ def test_pet_with_full_fine_tuning_and_soft_tokens_round_trips(tmp_path, capsys)
     capsys.readouterr()
     assert main(["evaluate", str(out), "--task", "rt-polarity", "--limit", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == results["test"]["accuracy"]
+
+
+def test_instruction_tuning_a_decoder_then_zero_shot_on_a_task(tmp_path, capsys):
+    from deltaformer.tokenizer import train_tokenizer
+
+    from .test_prompting_causal import CORPUS, tiny_gpt2
+
+    tokenizer = train_tokenizer(CORPUS, kind="bpe", vocab_size=300, min_frequency=1, lowercase=False)
+    base = tmp_path / "gpt2"
+    tiny_gpt2(len(tokenizer.get_vocab())).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": "Is this review positive or negative?", "input": "a good film", "output": "positive"},
+            {"messages": [{"role": "user", "content": "a dull story?"}, {"role": "assistant", "content": "negative"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4), encoding="utf-8")
+    out = tmp_path / "sft"
+    assert main(["finetune", str(base), "--instructions", str(data), "--method", "lora", "--max-steps", "3",
+                 "--batch-size", "2", "--max-length", "200", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"] == 8 and results["sequences"] < 8 and (out / "delta" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--task", "rt-polarity", "--limit", "4", "--json", "--template",
+                 "Review: {text}\nSentiment:", "--verbalizer", '{"negative": "negative", "positive": "positive"}',
+                 "--max-length", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 4
+    assert main(["finetune", "tiny-mlm", "--instructions", str(data), "--out", str(tmp_path / "mlm")]) == 2
+    assert "masked LM" in capsys.readouterr().err

@@ -15,7 +15,6 @@ the checks by declaring its fields so; nothing else is needed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import types
 import typing
@@ -63,9 +62,14 @@ def check_fields(config: Any, skip: frozenset[str] = frozenset()) -> None:
             raise ConfigError(f"{where} {problem}: fix the value in config.json or where the config is made")
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """A class's resolved annotations, computed once per class."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _has_type(value: Any, expected: Any) -> bool:
@@ -187,7 +191,7 @@ class ModelConfig:
     @classmethod
     def create(cls, **kwargs: Any) -> ModelConfig:
         """Build a config from keyword arguments, naming any key no field knows."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             close = ", ".join(sorted(names - {"extra"}))
@@ -206,7 +210,8 @@ class ModelConfig:
                     f"unknown model_type {model_type!r}: deltaformer supports {known}; check config.json"
                 )
             target = ModelConfig.registry[model_type]
-        names = {f.name for f in dataclasses.fields(target)} - {"extra"}
+        data = target.translate_names(data)
+        names = {f.name for f in dataclasses.fields(target) if f.init} - {"extra"}
         known_kwargs = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
         target.check_supported(extra)
@@ -214,6 +219,11 @@ class ModelConfig:
             return target(**known_kwargs, extra=extra)
         except TypeError as exc:  # a value of the wrong type reaching __post_init__
             raise ConfigError(f"bad value in {target.__name__} config: {exc}") from exc
+
+    @classmethod
+    def translate_names(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config.json's keys under this class's field names (HF's alternative names for a field)."""
+        return data
 
     @classmethod
     def check_supported(cls, extra: dict[str, Any]) -> None:
@@ -250,7 +260,7 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (unknown keys are an error, as in :meth:`create`)."""
-        names = {f.name for f in dataclasses.fields(self)}
+        names = {f.name for f in dataclasses.fields(self) if f.init}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no key(s) {unknown}")
@@ -322,13 +332,31 @@ _LED_ALIASES = {
 }
 
 
+def _derived(default: Any, from_field: str) -> Any:
+    """A ModelConfig field an LED config computes from its own field ``from_field`` (never given)."""
+    return field(default=default, init=False, metadata={"help": f"the same as {from_field} (derived)"})
+
+
 @dataclass
 class LEDConfig(ModelConfig):
     """LED (Beltagy et al. 2020): a Longformer encoder and a full-attention decoder with cross-attention,
-    under Hugging Face's field names; the shared ModelConfig fields mirror the encoder's."""
+    under Hugging Face's field names (``d_model``, ``encoder_layers``, ...).
+
+    The shared ModelConfig names (``hidden_size``, ``num_hidden_layers``, ...) are derived from those and
+    cannot be given, so a ``hidden_size`` can never silently lose to ``d_model``; reading a config.json
+    that uses them translates them as Hugging Face's ``attribute_map`` does, and writing leaves them out.
+    """
 
     model_type: ClassVar[str] = "led"
     derived: ClassVar[frozenset[str]] = frozenset(_LED_ALIASES)
+
+    hidden_size: int = _derived(1024, "d_model")
+    num_hidden_layers: int = _derived(12, "encoder_layers")
+    num_attention_heads: int = _derived(16, "encoder_attention_heads")
+    intermediate_size: int = _derived(4096, "encoder_ffn_dim")
+    hidden_act: str = _derived("gelu", "activation_function")
+    max_position_embeddings: int = _derived(16384, "max_encoder_position_embeddings")
+    initializer_range: float = _derived(0.02, "init_std")
 
     vocab_size: int = at_least(50265, 1)
     d_model: int = at_least(1024, 1)
@@ -361,10 +389,29 @@ class LEDConfig(ModelConfig):
         self.encoder_config()  # checks the windows
 
     @classmethod
+    def translate_names(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """HF's generic names (``hidden_size``, ...) in a config.json mean LED's own (``d_model``, ...)."""
+        data = dict(data)
+        for ours, theirs in _LED_ALIASES.items():
+            if ours in data:
+                value = data.pop(ours)
+                if data.setdefault(theirs, value) != value:
+                    raise ConfigError(f"LED config gives {ours}={value!r} and {theirs}={data[theirs]!r}, which "
+                                      f"name the same size: keep {theirs} only")
+        return data
+
+    @classmethod
     def check_supported(cls, extra: dict[str, Any]) -> None:
         for key in ("activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
             if extra.get(key, 0.0):
                 raise ConfigError(f"{key}={extra[key]} is not supported: deltaformer's LED trains without it (set 0)")
+
+    @property
+    def pad_id(self) -> int:
+        """``pad_token_id``, which LED's decoding needs (labels shifted right, ended rows)."""
+        if self.pad_token_id is None:
+            raise ConfigError("LED needs pad_token_id in its config: set it (LED checkpoints use 1)")
+        return self.pad_token_id
 
     def encoder_config(self) -> LongformerConfig:
         """The encoder as a Longformer config (its layers are Longformer layers)."""

@@ -26,7 +26,10 @@ from tokenizers import (
     trainers,
 )
 
+from .chat_template import render_chat_template
+from .checkpoints.gguf import find_gguf, open_gguf
 from .errors import DeltaformerError
+from .gguf_tokenizer import backend_from_metadata
 
 VERY_LARGE_INTEGER = int(1e30)
 """HF's ``model_max_length`` for "no limit"; kept as is so configs round-trip unchanged."""
@@ -100,13 +103,14 @@ class AutoTokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_asset: str | Path) -> AutoTokenizer:
-        """Load from an HF model directory, its ``tokenizer.json``/``vocab.txt``, or a deltaformer asset name."""
+        """Load from an HF model directory, its ``tokenizer.json``/``vocab.txt``, a GGUF file (its metadata holds
+        the tokenizer and chat template), or a deltaformer asset name."""
         path = _resolve(path_or_asset)
-        from .checkpoints.gguf import GGUFCheckpoint, find_gguf
-
-        gguf_file = find_gguf(path) if path.exists() else None
-        if gguf_file is not None:
-            return GGUFCheckpoint(gguf_file).tokenizer()
+        gguf = find_gguf(path)
+        if gguf is not None:
+            checkpoint = open_gguf(gguf)
+            backend, roles = backend_from_metadata(checkpoint.metadata, gguf)
+            return cls(backend, roles, chat_template=checkpoint.chat_template)
         if path.is_file():
             path = path.parent
         if not path.is_dir():
@@ -114,7 +118,7 @@ class AutoTokenizer:
                 f"tokenizer path {path} does not exist; pass a model directory holding tokenizer.json or vocab.txt"
             )
         config = _read_json(path / "special_tokens_map.json") | _read_json(path / "tokenizer_config.json")
-        specials = {kind: _content(config.get(f"{kind}_token")) for kind in SPECIAL_KINDS}
+        specials: dict[str, str | None] = {kind: _content(config.get(f"{kind}_token")) for kind in SPECIAL_KINDS}
         if (path / "tokenizer.json").is_file():
             try:
                 backend = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -131,9 +135,9 @@ class AutoTokenizer:
                     if v in vocab
                 }
         elif (path / "vocab.txt").is_file():
-            specials = {k: specials.get(k) or v for k, v in BERT_SPECIALS.items()} | {
-                k: specials[k] for k in ("bos", "eos")
-            }
+            found = specials
+            specials = {k: found.get(k) or v for k, v in BERT_SPECIALS.items()}
+            specials.update({k: found[k] for k in ("bos", "eos")})
             backend = _bert_from_vocab(path / "vocab.txt", config, specials)
         else:
             raise TokenizerError(
@@ -147,98 +151,8 @@ class AutoTokenizer:
             padding_side=config.get("padding_side", "right"),
             truncation_side=config.get("truncation_side", "right"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-            chat_template=_chat_template(path, config),
+            chat_template=_chat_template_of(path, config),
         )
-
-    @classmethod
-    def from_gguf_metadata(cls, metadata: dict[str, Any], source: str = "the GGUF file") -> AutoTokenizer:
-        """The tokenizer a GGUF file describes (``tokenizer.ggml.*`` keys), as ``transformers`` builds it.
-
-        Byte-level BPE (llama.cpp's ``gpt2`` model) only: vocabulary in file order (tokens written outside the
-        byte alphabet re-spelled in it), the file's merges, control tokens as special added tokens, user-defined
-        ones as plain added tokens, bos/eos/unk/pad from their ids, bos/eos added only when the file says so.
-        """
-        kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise TokenizerError(f"{source} has a {kind or 'missing'!r} tokenizer; deltaformer builds byte-level "
-                                 "BPE ('gpt2') tokenizers from GGUF files only: load a tokenizer.json beside it")
-        tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
-        merges = metadata.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
-            raise TokenizerError(f"{source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges: re-convert it")
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {
-            t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-            for i, t in enumerate(tokens)
-        }
-        pairs = [tuple(m.split(" ")) for m in merges]
-        backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="",
-                                       fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(
-            metadata.get("tokenizer.ggml.add_space_prefix", False)), trim_offsets=True, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
-        types = list(metadata.get("tokenizer.ggml.token_type") or [])
-        control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-                   if k == 3 and set(t) <= alphabet]
-        if control:
-            backend.add_special_tokens(control)
-        user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
-                if k == 4 and t in vocab]
-        if user:
-            backend.add_tokens(user)
-        specials: dict[str, str | None] = {}
-        for kind_, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                           ("pad", "padding_token_id")):
-            token_id = metadata.get(f"tokenizer.ggml.{key}")
-            specials[kind_] = tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
-        add = [(specials[k], metadata.get(f"tokenizer.ggml.add_{k}_token", False)) for k in ("bos", "eos")]
-        single = " ".join([f"{specials['bos']}:0"] * bool(add[0][1] and specials["bos"]) + ["$A:0"]
-                          + [f"{specials['eos']}:0"] * bool(add[1][1] and specials["eos"]))
-        pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
-        used = [t for t, on in add if on and t]
-        backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in dict.fromkeys(used)])
-        return cls(backend, specials, chat_template=metadata.get("tokenizer.chat_template"))
-
-    # ---- chat ----------------------------------------------------------------------------------------
-
-    def apply_chat_template(
-        self,
-        conversation: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
-        *,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        tokenize: bool = True,
-        return_tensors: str | None = None,
-        tools: list[dict] | None = None,
-        documents: list[dict] | None = None,
-        **template_variables: Any,
-    ) -> Any:
-        """Render a conversation (or a batch of them) with the chat template, as ``transformers`` does.
-
-        The special tokens (``bos_token``, ``eos_token``, ...) and ``template_variables`` reach the template;
-        with ``tokenize`` the text is encoded without adding special tokens again (the template writes them).
-        """
-        from .chat_template import ChatTemplateError, render
-
-        template = chat_template or self.chat_template
-        if not template:
-            raise ChatTemplateError("this tokenizer has no chat template: pass chat_template= (Jinja text)")
-        batched = bool(conversation) and not isinstance(conversation[0], dict)
-        chats = list(conversation) if batched else [conversation]
-        variables = {**self.special_tokens_map, **template_variables}
-        texts = [render(template, chat, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
-                        continue_final_message=continue_final_message, tools=tools, documents=documents,
-                        **variables) for chat in chats]
-        if not tokenize:
-            return texts if batched else texts[0]
-        if return_tensors is not None:
-            return self(texts if batched else texts[0], add_special_tokens=False, return_tensors=return_tensors,
-                        padding=batched)["input_ids"]
-        ids = [self.encode(t, add_special_tokens=False) for t in texts]
-        return ids if batched else ids[0]
 
     # ---- encoding ------------------------------------------------------------------------------------
 
@@ -306,6 +220,7 @@ class AutoTokenizer:
             if trunc is None:
                 self._backend.no_truncation()
             else:
+                assert max_length is not None  # a truncation strategy comes with a length
                 self._backend.enable_truncation(max_length, strategy=trunc, direction=self.truncation_side)
             if pad is None:
                 self._backend.no_padding()
@@ -391,7 +306,7 @@ class AutoTokenizer:
         if isinstance(tokens, str):
             found = self._backend.token_to_id(tokens)
             return self.unk_token_id if found is None else found
-        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
+        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]  # each t is a str, so each result an int
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> Any:
         """Token strings of ids (one id gives one string)."""
@@ -456,6 +371,30 @@ class AutoTokenizer:
     mask_token_id = property(lambda self: self._token_id("mask"))
     bos_token_id = property(lambda self: self._token_id("bos"))
     eos_token_id = property(lambda self: self._token_id("eos"))
+
+    # ---- chat -----------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        documents: Sequence[dict[str, Any]] | None = None,
+        **template_variables: Any,
+    ) -> str | list[int]:
+        """``conversation`` rendered by the chat template (``transformers``' rendering, see
+        :mod:`deltaformer.chat_template`); token ids unless ``tokenize=False``. The template writes the special
+        tokens itself, so tokenizing adds none, as in HF."""
+        template = chat_template or self.chat_template
+        if not template:
+            raise TokenizerError("this tokenizer has no chat template: pass chat_template=..., or use a model that "
+                                 "ships one (tokenizer_config.json 'chat_template' or GGUF metadata)")
+        specials = {f"{kind}_token": token for kind, token in self._special.items() if token is not None}
+        text = render_chat_template(template, conversation, add_generation_prompt, tools=tools, documents=documents,
+                                    **(specials | template_variables))
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ---- saving --------------------------------------------------------------------------------------
 
@@ -546,7 +485,7 @@ def train_tokenizer(
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##")
         specials: dict[str, str | None] = dict(BERT_SPECIALS)
-        trainer = trainers.WordPieceTrainer(
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=list(BERT_SPECIALS.values()),
@@ -594,6 +533,18 @@ def _resolve(path_or_asset: str | Path) -> Path:
     return Path(resolve_model_path(str(path_or_asset)))
 
 
+def _chat_template_of(directory: Path, config: dict[str, Any]) -> str | None:
+    """``chat_template.jinja`` (newer ``transformers``) or ``tokenizer_config.json``'s ``chat_template``."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: HF uses the "default" one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 def _bert_from_vocab(vocab_file: Path, config: dict[str, Any], specials: dict[str, str | None]) -> Tokenizer:
     """The pipeline HF's ``BertTokenizer`` builds from vocab.txt and its config."""
     try:
@@ -616,28 +567,6 @@ def _bert_from_vocab(vocab_file: Path, config: dict[str, Any], specials: dict[st
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.post_processor = _bert_template(backend, specials["cls"] or "[CLS]", specials["sep"] or "[SEP]")
     return backend
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the alphabet byte-level BPE vocabularies are written in."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-            *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
-    """The chat template of an HF directory: ``chat_template.jinja`` (newer) or tokenizer_config.json's."""
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    return template if isinstance(template, str) else None
 
 
 def _add_config_tokens(backend: Tokenizer, config: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..data.collate import PadCollator, encode_examples
 from ..data.tabular import Fields, read_table
@@ -62,15 +63,16 @@ def run(args: argparse.Namespace) -> int:
         examples, source = load_task(task).split(args.split), f"{task}/{args.split}"
     else:
         fields = Fields(**data["fields"]) if data.get("fields") else Fields()
+        assert test_file is not None  # no task, so a test file (checked above)
         table = read_table(test_file, fields, skip_bad_rows=args.skip_bad_rows)
         examples, source, skipped = table.examples, str(test_file), list(table.skipped)
     encoded = encode_examples(loaded.tokenizer, examples, loaded.max_length, loaded.labels,
                               args.skip_bad_rows, skipped)
     if not encoded:
         raise ConfigError(f"nothing to evaluate in {source}: every row was skipped")
-    result = evaluate(loaded.model, encoded, PadCollator(loaded.tokenizer.pad_token_id or 0), len(loaded.labels),
+    scores = evaluate(loaded.model, encoded, PadCollator(loaded.tokenizer.pad_token_id or 0), len(loaded.labels),
                       args.batch_size or 64)
-    result = {"data": source, **result, "skipped_rows": len(skipped)}
+    result: dict[str, Any] = {"data": source, **scores, "skipped_rows": len(skipped)}
     if skipped:
         print(f"skipped {len(skipped)} bad row(s); first: {skipped[0]}", file=sys.stderr)
     if args.json:

@@ -49,10 +49,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (a built-in task, or your own files)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=sorted(TASKS), help="built-in task with fixed 80/10/10 splits")
-    src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl)")
+    src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl; plain .txt with --objective clm)")
     src.add_argument("--instructions", metavar="FILE|builtin[:-TASK]",
                      help="instruction tuning: a JSONL file (instruction/input/output or chat messages per line), or "
                      "the built-in multitask mixture, optionally without a task (builtin:-rt-polarity)")
+    g.add_argument("--objective", choices=("classify", "clm"), default="classify",
+                   help="classify: a classification head (decoders read the last token); clm: fine-tune a decoder "
+                   "LM on the raw text of --train (blocks of --max-length tokens, default 512 or the context)")
     g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
     g.add_argument("--test", type=Path, help="test file, scored at the end")
     g.add_argument("--text-field", default="text", help="column/key of the text")
@@ -187,8 +190,37 @@ def run(args: argparse.Namespace) -> int:
     if args.instructions or args.few_shot or args.template:
         from .prompt_finetune import run_prompt_finetune
 
-        return run_prompt_finetune(args)
+        return run_prompt_finetune(args, method_from_args(args), train_config_from_args(args))
+    if args.objective == "clm":
+        return run_clm(args)
     results = finetune(spec_from_args(args))
     if init_distributed(args.device).is_main:
         print_summary(results, args.out)
+    return 0
+
+
+def run_clm(args: argparse.Namespace) -> int:
+    """``--objective clm``: causal-LM fine-tuning on a text file."""
+    from ..errors import ConfigError
+    from ..train.clm import CLMSpec, finetune_clm
+    from ..train.distributed import init_distributed
+
+    if args.train is None:
+        raise ConfigError("--objective clm trains on your own text: pass --train FILE.txt (not --task)")
+    if args.metric == "macro_f1":
+        raise ConfigError("--objective clm picks checkpoints by validation loss: drop --metric")
+    args.metric = "loss"
+    spec = CLMSpec(model=args.model, out=args.out, train_file=args.train, validation_file=args.validation,
+                   method=method_from_args(args), max_length=args.max_length, train=train_config_from_args(args),
+                   resume=args.resume, overwrite=args.overwrite)
+    results = finetune_clm(spec)
+    if init_distributed(args.device).is_main:
+        val = results.get("validation") or {}
+        print(f"method {results['method']}: {results['trainable_parameters']:,} trainable parameters "
+              f"({results['trainable_percent']:.2f}% of {results['total_parameters']:,}); "
+              f"{results['train_blocks']} blocks of up to {results['block_size']} tokens")
+        if val:
+            print(f"best validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} "
+                  f"(step {results['best_step']})")
+        print(f"trained in {results['train_seconds']:.0f} s; run saved in {args.out}")
     return 0

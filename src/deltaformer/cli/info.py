@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import delta
 from ..models.auto import load_model
 from ..models.base import resolve_path
-from ..models.summary import analytic_count, bytes_on_disk, parameter_breakdown
+from ..models.summary import analytic_count, bytes_on_disk, decoder_details, parameter_breakdown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         "analytic_VH_plus_12LH2": analytic_count(config),
         "bytes_on_disk": bytes_on_disk(path),
     }
+    decoder = decoder_details(config)
+    if decoder is not None:
+        report["decoder"] = decoder
+        del report["analytic_VH_plus_12LH2"]  # the encoder textbook formula; a decoder's parts are exact above
     if delta.deltas(model):
         report["deltas"] = delta.trainable_summary(model)
     if args.json:
@@ -79,10 +83,21 @@ def run(args: argparse.Namespace) -> int:
     for name, counts in sorted(parts.items(), key=lambda kv: -kv[1]["total"]):
         print(f"  {name:<14}{counts['total']:>14,}{counts['trainable']:>14,}")
     print(f"  {'total':<14}{total:>14,}{trainable:>14,} ({100 * trainable / max(total, 1):.2f}% trainable)")
-    estimate = report["analytic_VH_plus_12LH2"]
-    print(f"  analytic V*H + L*12*H^2 = {estimate:,} ({100 * estimate / total:.1f}% of exact): it leaves out "
-          "position/segment embeddings, biases, LayerNorms, pooler and heads, and assumes intermediate = 4H")
+    if decoder is not None:
+        rope = (f", theta {decoder['rope_theta']:g}" + (f", scaling {decoder['rope_scaling']}" if decoder["rope_scaling"]
+                else "")) if decoder["positions"] == "rope" else ""
+        print(f"  decoder: {decoder['kv_heads']} key/value heads of {decoder['head_dim']}, {decoder['positions']} "
+              f"positions{rope}, {decoder['norm']}, MLP {decoder['mlp']}, "
+              f"{'tied' if decoder['tied_head'] else 'separate'} LM head; {_millions(total)} parameters")
+    else:
+        estimate = report["analytic_VH_plus_12LH2"]
+        print(f"  analytic V*H + L*12*H^2 = {estimate:,} ({100 * estimate / total:.1f}% of exact): it leaves out "
+              "position/segment embeddings, biases, LayerNorms, pooler and heads, and assumes intermediate = 4H")
     print(f"  bytes on disk: {report['bytes_on_disk']:,}")
     if "deltas" in report:
         print(delta.format_summary(report["deltas"]))
     return 0
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"

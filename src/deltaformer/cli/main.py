@@ -21,6 +21,8 @@ VERBS = (
     "finetune",
     "evaluate",
     "predict",
+    "generate",
+    "chat",
     "merge",
     "demo",
     "convert_long",

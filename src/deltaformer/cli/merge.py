@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models.base import PreTrainedModel
 from ..train.methods import MERGEABLE, merge_method
 from ..train.runs import load_run, read_run_info
 
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         )
     loaded = load_run(args.run_dir)
     model = merge_method(loaded.model, loaded.method)
+    assert isinstance(model, PreTrainedModel)  # merging unwraps every delta, leaving the plain model
     model.save_pretrained(args.out)
     loaded.tokenizer.save_pretrained(args.out)
     print(f"merged {method} run {args.run_dir} into a plain checkpoint at {args.out}")

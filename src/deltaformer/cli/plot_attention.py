@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoints.io import atomic_write
-from ..config import LongformerConfig
 from ..errors import ConfigError, InputError
-from ..nn.banded import window_to_dense
+from ..nn.sliding import SlidingWindow, dense_weights, with_global
 
 #: Longest input drawn: the plot holds a dense (length x length) matrix.
 MAX_LENGTH = 8192
@@ -57,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if args.length is None or args.window is None:
             raise ConfigError("pattern mode needs --length and --window (or pass --model and --text for a heatmap)")
         positions = parse_positions(args.global_positions, args.length)
-        allowed = pattern_matrix(args.length, args.window, args.dilation, positions, args.causal)
+        cells = pattern_matrix(args.length, args.window, args.dilation, positions, args.causal)
         title = f"window {args.window}, dilation {args.dilation}" + (", causal" if args.causal else "")
-        write_png(args.out, lambda fig: draw_pattern(fig.add_subplot(1, 1, 1), allowed, positions, title))
+        write_png(args.out, lambda fig: draw_pattern(fig.add_subplot(1, 1, 1), cells, positions, title))
         print(f"wrote the attention pattern ({args.length} tokens) to {args.out}")
         return 0
     if args.text is None:
@@ -97,39 +96,13 @@ def parse_positions(text: str | None, length: int) -> list[int]:
 
 def pattern_matrix(length: int, window: int, dilation: int = 1, global_positions: Sequence[int] = (),
                    causal: bool = False) -> Tensor:
-    """(length, length) bool: may query ``i`` attend to key ``j``?
-
-    Keys ``i + o * dilation`` for ``|o| <= window`` (``o <= 0`` when causal), every key for a global query,
-    and every global key for any query: Longformer's rule (Beltagy et al., 2020, fig. 2).
-    """
+    """(length, length) bool cells the pattern mode draws, from the sliding pattern itself."""
     if length < 1 or length > MAX_LENGTH:
         raise ConfigError(f"--length {length} is outside 1..{MAX_LENGTH}: the plot holds a dense length x length grid")
     if window < 0 or dilation < 1:
         raise ConfigError(f"--window ({window}) must be >= 0 and --dilation ({dilation}) >= 1")
-    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]
-    allowed = (rel % dilation == 0) & (rel.abs() <= window * dilation) & ((rel <= 0) if causal else True)
-    index = torch.tensor(list(global_positions), dtype=torch.long)
-    allowed[index, :] = True
-    allowed[:, index] = True
-    return allowed
-
-
-def longformer_dense(local: Tensor, global_: Tensor | None, global_positions: Sequence[int], window: int,
-                     dilation: int | Sequence[int]) -> Tensor:
-    """One input's Longformer weights as (H, S, S).
-
-    ``local`` (H, S, G + width): global keys first, then the window offsets (a layer's ``attentions[i][b]``);
-    ``global_`` (H, S, G): what each global query gives each key (``global_attentions[i][b]``). Global
-    queries' rows come from ``global_``; their local rows are zeros.
-    """
-    slots = len(global_positions)
-    dense = window_to_dense(local[None], window, dilation, slots=slots)[0]  # (H, S, G + S)
-    out = dense[..., slots:].clone()
-    index = torch.tensor(list(global_positions), dtype=torch.long, device=local.device)
-    if slots:
-        out[..., index] += dense[..., :slots]
-        out[:, index, :] = global_.transpose(1, 2)
-    return out
+    band = SlidingWindow(window, dilation, causal).allowed(length, length, torch.device("cpu"))
+    return with_global(band, global_positions)
 
 
 def model_attention(model_dir: str, text: str, layer: int, head: int, global_text: str | None,
@@ -137,12 +110,12 @@ def model_attention(model_dir: str, text: str, layer: int, head: int, global_tex
     """Run the model on ``text``: (S, S) weights of one head, the layer's allowed pattern (Longformer only,
     else None), the tokens, the global positions and the layer index (made non-negative)."""
     from ..models.auto import load_model
-    from ..models.bert import BertModel
+    from ..models.bert import BertLayer, BertModel
     from ..models.longformer import LongformerForSequenceClassification, LongformerModel
     from ..tokenizer import AutoTokenizer
 
     model = load_model(model_dir).eval()
-    encoder = model if isinstance(model, (BertModel, LongformerModel)) else getattr(model, "backbone", None)
+    encoder = model.delta_backbone()
     if not isinstance(encoder, (BertModel, LongformerModel)):
         raise ConfigError(f"{model_dir} holds a {type(model).__name__}: plot-attention draws BERT and Longformer "
                           "encoders")
@@ -153,31 +126,35 @@ def model_attention(model_dir: str, text: str, layer: int, head: int, global_tex
     ids = encoded["input_ids"]
     if ids.shape[1] == 0:
         raise InputError("the text gives no tokens: pass some words with --text")
-    layers, heads = encoder.config.num_hidden_layers, encoder.config.num_attention_heads
+    blocks = [block for block in encoder.layers if isinstance(block, BertLayer)]  # Longformer's layers are too
+    layers, heads = len(blocks), blocks[0].attn.n_heads
     if not -layers <= layer < layers or not 0 <= head < heads:
         raise ConfigError(f"--layer {layer} / --head {head} do not exist: the model has {layers} layers (0..{layers - 1})"
                           f" of {heads} heads (0..{heads - 1})")
     layer %= layers
     tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
-    is_long = isinstance(encoder.config, LongformerConfig)
-    if global_text is None and isinstance(model, LongformerForSequenceClassification):
-        global_text = "0"  # what the classifier makes global when given no mask
-    positions = parse_positions(global_text, ids.shape[1]) if is_long else []
-    if global_text and not is_long:
-        raise ConfigError("--global applies to Longformer models; this model attends to every token anyway")
-    with torch.no_grad():
-        if not is_long:
+    if not isinstance(encoder, LongformerModel):
+        if global_text:
+            raise ConfigError("--global applies to Longformer models; this model attends to every token anyway")
+        with torch.no_grad():
             out = encoder(input_ids=ids, token_type_ids=encoded.get("token_type_ids"), output_attentions=True)
-            return out.attentions[layer][0, head], None, tokens, [], layer
-        glob = torch.zeros_like(ids)
-        glob[0, positions] = 1
+        return out.attentions[layer][0, head], None, tokens, [], layer
+    if global_text is not None:
+        positions = parse_positions(global_text, ids.shape[1])
+    else:  # what the model makes global when given no mask
+        reader = model if isinstance(model, LongformerForSequenceClassification) else encoder
+        default = reader.default_global_attention_mask(ids)
+        positions = [] if default is None else default[0].nonzero().flatten().tolist()
+    glob = torch.zeros_like(ids)
+    glob[0, positions] = 1
+    with torch.no_grad():
         out = encoder(input_ids=ids, global_attention_mask=glob if positions else None, output_attentions=True)
-    window, dilation = encoder.config.window(layer), encoder.config.dilation(layer)
+    pattern = blocks[layer].attn.pattern
+    assert isinstance(pattern, SlidingWindow)
     global_ = out.global_attentions[layer][0] if positions else None
-    dense = longformer_dense(out.attentions[layer][0], global_, positions, window, dilation)
-    head_dilation = dilation if isinstance(dilation, int) else dilation[head]
-    allowed = pattern_matrix(ids.shape[1], window, head_dilation, positions)
-    return dense[head], allowed, tokens, positions, layer
+    dense = dense_weights(out.attentions[layer][0], global_, positions, pattern.window, pattern.dilation)
+    allowed = with_global(pattern.allowed(ids.shape[1], ids.shape[1], torch.device("cpu")), positions)
+    return dense[head], allowed if allowed.dim() == 2 else allowed[head], tokens, positions, layer
 
 
 # --- drawing ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..data.tasks import FRACTIONS, SPLIT_SEED, SPLITS, TASKS, load_task
 
@@ -21,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = args.names or list(TASKS)
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
     for name in names:
         task = load_task(name)
         report[name] = {

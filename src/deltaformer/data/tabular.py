@@ -89,7 +89,7 @@ class LabelMap:
 
     def encode(self, example: Example) -> int:
         try:
-            return self.label2id[example.label]  # type: ignore[index]
+            return self.label2id[example.label]  # type: ignore[index]  # a None label raises KeyError, handled below
         except KeyError:
             known = ", ".join(self.labels)
             raise DataError(

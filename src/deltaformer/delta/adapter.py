@@ -11,7 +11,7 @@ Adapters cannot merge: the non-linearity sits between two matrices, so no single
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +28,7 @@ from .targets import match_targets
 from .wrappers import DeltaWrapper, LayerPart
 
 #: Non-linearities with act(0) == 0 (zero padding of smaller adapters stays exact).
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
 PLACES = {"houlsby": ("attn.out", "mlp.down"), "pfeiffer": ("mlp.down",)}
 
 
@@ -63,6 +63,11 @@ class AdapterPart(LayerPart[AdapterConfig]):
     method = "adapter"
     stacked = ("down", "down_bias", "up", "up_bias")
     slot_lists = ("sizes", "acts", "residuals")
+    down: Tensor  # (n, r_max, dim), registered by stack_add
+    down_bias: Tensor
+    up: Tensor
+    up_bias: Tensor
+    residual_vec: Tensor
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
         super().__init__(router)
@@ -108,7 +113,10 @@ class AdapterPart(LayerPart[AdapterConfig]):
         else:  # one pass per distinct activation (not per sample), each sample picks its own
             kind = torch.tensor([sorted(acts).index(self.acts[s]) if s in sel.used else 0
                                  for s in range(len(self.slots))], device=z.device)[index]
-            z = sum(torch.where((kind == i)[:, None, None], ACTIVATIONS[a](z), 0.0) for i, a in enumerate(sorted(acts)))
+            picked = [torch.where((kind == i)[:, None, None], ACTIVATIONS[a](z), 0.0) for i, a in enumerate(sorted(acts))]
+            z = picked[0]
+            for more in picked[1:]:
+                z = z + more
         out = torch.baddbmm(self.up_bias[index][:, None, :], z, self.up[index, :, :r].transpose(1, 2))
         keep = sel.keep_like(out, 2)
         skip = self.residual_vec[index].to(h.dtype)[:, None, None]

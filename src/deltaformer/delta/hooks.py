@@ -30,10 +30,14 @@ Prompted = tuple[Tensor, Tensor, Tensor, Tensor | None]
 
 
 class InputStore(StackedDelta, ABC):
-    """What an input-side method's store must provide (prompt tuning, P-tuning, prefix positions)."""
+    """What an input-side method's store must provide (prompt tuning, P-tuning, prefix positions).
+
+    (``prompt_input``, not ``apply``: ``nn.Module.apply(fn)`` visits every submodule, so a store must not
+    shadow it.)
+    """
 
     @abstractmethod
-    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+    def prompt_input(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
               positions: Tensor | None) -> Prompted:
         """Change the embedded input for this batch's selection; ``input_ids`` is None once an earlier
         store changed the sequence length (ids no longer line up with embeddings)."""
@@ -50,7 +54,7 @@ class PromptChain(nn.Module):
         length = embeds.shape[1]
         for store in self.stores():
             ids = input_ids if embeds.shape[1] == length else None
-            embeds, mask, types, positions = store.apply(ids, embeds, mask, types, positions)
+            embeds, mask, types, positions = store.prompt_input(ids, embeds, mask, types, positions)
         return embeds, mask, types, positions
 
 

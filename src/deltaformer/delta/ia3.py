@@ -45,6 +45,7 @@ class IA3Part(LayerPart[IA3Config]):
 
     method = "ia3"
     stacked = ("scale",)
+    scale: Tensor  # (n_deltas, dim), registered by stack_add
     acts_on_input = True  # feed-forward IA3 scales the input (output-side parts of this class do not)
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper, feedforward: bool) -> None:

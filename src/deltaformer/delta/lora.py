@@ -70,6 +70,10 @@ class LoraPart(LayerPart[LoraConfig]):
     method = "lora"
     stacked = ("A", "B")
     slot_lists = ("ranks", "scales", "dropouts")
+    A: Tensor  # (n_deltas, r_max, in), registered by stack_add
+    B: Tensor  # (n_deltas, out, r_max)
+    scale_vec: Tensor
+    dropout_vec: Tensor
 
     def __init__(self, router: DeltaRouter, wrapper: DeltaWrapper) -> None:
         super().__init__(router)

@@ -76,7 +76,7 @@ class PrefixProjection(nn.Module):
 
     def __init__(self, k: int, hidden: int, inner: int, layers: int, kv_dim: int, like: Tensor) -> None:
         super().__init__()
-        kw = {"dtype": like.dtype, "device": like.device}
+        kw: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
         self.embedding = nn.Embedding(k, hidden, **kw)
         self.transform = nn.Sequential(nn.Linear(hidden, inner, **kw), nn.Tanh(), nn.Linear(inner, layers * 2 * kv_dim, **kw))
         self.layers, self.kv_dim = layers, kv_dim
@@ -84,8 +84,9 @@ class PrefixProjection(nn.Module):
     def layer(self, index: int) -> Tensor:
         """(k, 2, kv_dim) of one layer: only that layer's rows of the last projection are computed."""
         rows = slice(index * 2 * self.kv_dim, (index + 1) * 2 * self.kv_dim)
-        last = self.transform[2]
-        hidden = torch.tanh(self.transform[0](self.embedding.weight))
+        first, last = self.transform[0], self.transform[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        hidden = torch.tanh(first(self.embedding.weight))
         return F.linear(hidden, last.weight[rows], last.bias[rows]).view(-1, 2, self.kv_dim)
 
     def full(self) -> Tensor:
@@ -98,6 +99,9 @@ class PrefixSlots(InputStore):
     method = "prefix"
     stacked = ("kv",)
     slot_lists = ("lengths", "offsets")
+    kv: Tensor  # (n_deltas, k_max, layers, 2, kv_dim), registered by stack_add
+    length_vec: Tensor
+    offset_vec: Tensor
 
     def __init__(self, router: DeltaRouter, layers: int, heads: int, head_dim: int, max_positions: int | None) -> None:
         super().__init__(router)
@@ -152,8 +156,13 @@ class PrefixSlots(InputStore):
             with torch.no_grad():
                 self.kv[s, : self.lengths[s]].copy_(self.projection(name).full())
             del self.projections[name]
-            info = self.router.deltas[name]
-            self.router.replace_config(name, dataclasses.replace(info.config, projection=False))
+            self._forget_projection(name)
+
+    def _forget_projection(self, name: str) -> None:
+        """The delta's config says it has no projection any more (its slots now hold the prefix)."""
+        config = self.router.deltas[name].config
+        assert isinstance(config, PrefixConfig)
+        self.router.replace_config(name, dataclasses.replace(config, projection=False))
 
     def extra(self, layer: int, batch: int) -> ExtraKV | None:
         sel = self.select(batch, self.kv.device)
@@ -182,7 +191,7 @@ class PrefixSlots(InputStore):
         """(B, k, kv_dim) -> (B, kv_heads, k, head_dim)."""
         return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+    def prompt_input(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
               positions: Tensor | None) -> Prompted:
         """Position ids start after the slots (peft/HF); samples without a prefix keep 0.."""
         batch, seq = embeds.shape[:2]
@@ -196,11 +205,11 @@ class PrefixSlots(InputStore):
                 return embeds, mask, types, positions
             self._check(seq + shift)
             return embeds, mask, types, base + shift
-        shift = self.offset_vec[sel.index]
+        shifts = self.offset_vec[sel.index]
         if sel.keep is not None:
-            shift = shift * (sel.keep > 0)
+            shifts = shifts * (sel.keep > 0)
         self._check(seq + max(self.offsets[s] for s in sel.used))
-        return embeds, mask, types, base + shift[:, None]
+        return embeds, mask, types, base + shifts[:, None]
 
     def _check(self, needed: int) -> None:
         if self.max_positions is not None and needed > self.max_positions:
@@ -297,8 +306,7 @@ class PrefixTuning(Method[PrefixConfig]):
         check_shape("prompt_embeddings", tensors["prompt_embeddings"], (k, store.n_layers * 2 * store.heads * store.head_dim))
         if name in store.projections:  # a computed prefix replaces the reparameterisation
             del store.projections[name]
-            info = store.router.deltas[name]  # and the config says so, as after export_prefix
-            store.router.replace_config(name, dataclasses.replace(info.config, projection=False))
+            store._forget_projection(name)  # and the config says so, as after export_prefix
         with torch.no_grad():
             store.kv[s, :k].copy_(tensors["prompt_embeddings"].view(k, store.n_layers, 2, -1))
 

@@ -61,6 +61,8 @@ class SoftTokens(InputStore):
     method = "prompt"
     stacked = ("tokens",)
     slot_lists = ("lengths",)
+    tokens: Tensor  # (n_deltas, k_max, hidden), registered by stack_add
+    length_vec: Tensor
 
     def __init__(self, router: DeltaRouter) -> None:
         super().__init__(router)
@@ -75,7 +77,7 @@ class SoftTokens(InputStore):
     def refresh(self) -> None:
         self.length_vec = torch.tensor(self.lengths, device=self.tokens.device, dtype=torch.long)
 
-    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+    def prompt_input(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
               positions: Tensor | None) -> Prompted:
         sel = self.select(embeds.shape[0], embeds.device)
         if sel is None:
@@ -99,14 +101,15 @@ def initial_tokens(model: nn.Module, config: PromptConfig, k: int) -> Tensor:
     if config.init == "random":
         return torch.randn(k, table.shape[1], dtype=table.dtype, device=table.device) * config.init_std
     if config.init == "vocab":
-        ids = torch.randint(0, table.shape[0], (k,), device=table.device)
-        return table[ids].detach().clone()
+        picked = torch.randint(0, table.shape[0], (k,), device=table.device)
+        return table[picked].detach().clone()
     from ..tokenizer import AutoTokenizer
 
+    assert config.tokenizer is not None and config.init_text is not None  # checked by PromptConfig
     tok = AutoTokenizer.from_pretrained(config.tokenizer)
     if config.init == "text":
         text = config.init_text if isinstance(config.init_text, str) else " ".join(config.init_text)
-        ids = tok(text)["input_ids"]
+        ids: list[int] = tok(text)["input_ids"]
     else:
         words = [config.init_text] if isinstance(config.init_text, str) else list(config.init_text)
         ids = [i for w in words for i in tok.encode(w, add_special_tokens=False)]

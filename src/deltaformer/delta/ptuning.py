@@ -56,15 +56,15 @@ class PromptEncoder(nn.Module):
 
     def __init__(self, config: PTuningConfig, hidden: int, like: Tensor) -> None:
         super().__init__()
-        kw = {"dtype": like.dtype, "device": like.device}
+        kw: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
         inner = config.encoder_hidden_size or hidden
         self.embedding = nn.Embedding(config.num_virtual_tokens, hidden, **kw)
+        self.lstm_head: nn.LSTM | None = None
         if config.encoder == "lstm":
             self.lstm_head = nn.LSTM(hidden, inner, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
                                      bidirectional=True, batch_first=True, **kw)
             self.mlp_head = nn.Sequential(nn.Linear(2 * inner, 2 * inner, **kw), nn.ReLU(), nn.Linear(2 * inner, hidden, **kw))
         else:
-            self.lstm_head = None
             self.mlp_head = nn.Sequential(nn.Linear(hidden, inner, **kw), nn.ReLU(), nn.Linear(inner, inner, **kw), nn.ReLU(),
                                           nn.Linear(inner, hidden, **kw))
 
@@ -100,7 +100,7 @@ class PromptEncoders(InputStore):
     def tokens(self, s: int) -> Tensor:
         return self.encoders[self.slots[s]]()
 
-    def apply(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
+    def prompt_input(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor, types: Tensor,
               positions: Tensor | None) -> Prompted:
         batch = embeds.shape[0]
         sel = self.select(batch, embeds.device)
@@ -114,7 +114,7 @@ class PromptEncoders(InputStore):
                     front.append(tokens)
                 else:
                     on = torch.ones(batch, dtype=torch.bool, device=embeds.device)
-                    pid = torch.full((batch,), self.placeholders[s], device=embeds.device)
+                    pid = torch.full((batch,), int(self.placeholders[s] or 0), device=embeds.device)
                     embeds = insert(input_ids, embeds, tokens[None].expand(batch, -1, -1), pid, on, self.lengths[s])
             if front:
                 tokens = torch.cat(front)[None].expand(batch, -1, -1)

@@ -83,8 +83,11 @@ def match_targets(
 
     ``targets``: ``"all-linear"`` (every linear but the head), a regex (full match), or a list of names
     matched on their last component(s) (``"query"``, ``"attn.out"``, ``"attention.output.dense"``).
+    A causal LM's vocabulary projection (its ``output_layer_path``, tied to the token embeddings) is left out
+    of ``"all-linear"`` and regexes, as peft leaves it out of ``all-linear``; naming it in a list targets it.
     """
     heads = tuple(head_paths(model))
+    output_layer = getattr(model, "output_layer_path", None)
     found = []
     for path, module in model.named_modules():
         kind = base_type(module)
@@ -95,6 +98,8 @@ def match_targets(
         if layers is not None and layer_of(path) not in set(layers):
             continue
         names = (path, hf_name(model, path))
+        if path == output_layer and isinstance(targets, str):
+            continue
         if targets == "all-linear":
             ok = kind is nn.Linear
         elif isinstance(targets, str):

@@ -70,8 +70,10 @@ class DeltaWrapper(nn.Module):
 
     in_features: int
     out_features: int
+    weight: Tensor
+    bias: Tensor | None  # None for layers without one
 
-    def __init__(self, base: nn.Module, router: DeltaRouter) -> None:
+    def __init__(self, base: nn.Linear | nn.LayerNorm, router: DeltaRouter) -> None:
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
@@ -153,8 +155,7 @@ class DeltaLinear(DeltaWrapper):
 
     def unwrap(self) -> nn.Linear:
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
+        plain.weight, plain.bias = self.weight, self.bias  # type: ignore[assignment]  # the wrapped layer's own Parameters
         return plain
 
 
@@ -172,8 +173,7 @@ class DeltaLayerNorm(DeltaWrapper):
 
     def unwrap(self) -> nn.LayerNorm:
         plain = nn.LayerNorm(self.normalized_shape, eps=self.eps, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
+        plain.weight, plain.bias = self.weight, self.bias  # type: ignore[assignment]  # the wrapped layer's own Parameters
         return plain
 
 
@@ -201,7 +201,7 @@ def wrap(model: nn.Module, path: str, router: DeltaRouter) -> DeltaWrapper:
     if isinstance(module, DeltaWrapper):
         return module
     cls = WRAPPERS.get(type(module))
-    if cls is None:
+    if cls is None or not isinstance(module, (nn.Linear, nn.LayerNorm)):
         raise DeltaError(f"{path} is a {type(module).__name__}, not a plain Linear/LayerNorm: target another module")
     wrapper = cls(module, router)
     wrapper.train(module.training)

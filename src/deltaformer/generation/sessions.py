@@ -210,6 +210,12 @@ class Seq2SeqSession:
                                                 caches=layers).last_hidden_state
             return self.model.logits(hidden[:, -1]).float()
 
+    def room(self) -> int:
+        return self.cache.max_length - self.cache.length
+
+    def compact(self, room: int) -> None:
+        raise InputError("the decoder reached its last position: lower max_new_tokens")
+
     def keep(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
         self.memories = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.memories]

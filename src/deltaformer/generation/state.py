@@ -97,13 +97,17 @@ class DecodeState:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._user_context = forward_context
         self._tags: dict[int, Any] = {}
-        self.session = CausalSession(model, [], self._context if forward_context else None, dtype)
+        self.dtype = dtype
+        self.session: Any = self._empty_session()
         self._rows: dict[int, _Row] = {}
         self._next_id = 0
         self._logits: Tensor | None = None  # pending next-token logits, one row per live row
         self._settings: RowSettings | None = None
         self._seen: Tensor | None = None  # (B, V) tokens each row has seen (repetition penalty)
         self._vocab: int | None = None
+
+    def _empty_session(self) -> CausalSession:
+        return CausalSession(self.model, [], self._context if self._user_context else None, self.dtype)
 
     def _context(self, rows: list[int]) -> Any:
         assert self._user_context is not None
@@ -159,7 +163,7 @@ class DecodeState:
         rows = self._new_ids(len(prompts))
         if tags is not None:
             self._tags.update(zip(rows, tags))
-        newcomer = CausalSession(self.model, rows, self.session.context, self.session.dtype)
+        newcomer = CausalSession(self.model, rows, self._context if self._user_context else None, self.dtype)
         with evaluating(self.model):
             logits = newcomer.prefill(ids, mask, 0 if len(self) else max(c.max_new_tokens for c in configs))
         self._join(newcomer, logits, configs, [len(p) for p in fitted], seen_ids=(ids, mask))
@@ -213,7 +217,7 @@ class DecodeState:
 
     def _keep(self, indices: list[int]) -> None:
         if not indices:
-            self.session = CausalSession(self.model, [], self.session.context, self.session.dtype)
+            self.session = self._empty_session()
             self._logits = self._settings = self._seen = None
             return
         if len(indices) == len(self.session.rows):

@@ -1,19 +1,19 @@
-"""Pick the model class a checkpoint was saved as (``architectures`` in config.json) and load it."""
+"""Pick the model class a checkpoint was saved as (``architectures`` in config.json or a GGUF file's metadata)
+and load it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
 from ..errors import ConfigError
 from . import bert, gpt2, led, llama, longformer  # noqa: F401  (imported to register every architecture)
-from .base import PreTrainedModel, resolve_path
+from .base import PreTrainedModel, read_config, resolve_path
 
 
 def model_class_for(path: str | Path, architecture: str | None = None) -> type[PreTrainedModel]:
     """The class named by ``architecture`` or by the checkpoint's ``architectures``; the bare model else."""
-    config = load_config(resolve_path(path))
+    config = read_config(resolve_path(path))
     names = [architecture] if architecture else list(config.extra.get("architectures") or [])
     for name in names:
         if name in PreTrainedModel.registry:

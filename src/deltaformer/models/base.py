@@ -8,6 +8,7 @@ were missing (and freshly initialised) or left unused, so a user never trains a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints.gguf import find_gguf, open_gguf
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..checkpoints.names import NameMap, normalize_legacy
 from ..config import ModelConfig, load_config
@@ -32,10 +34,10 @@ class Output:
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]  # subclasses are dataclasses
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]  # subclasses are dataclasses
 
 
 @dataclass
@@ -89,6 +91,8 @@ class PreTrainedModel(nn.Module):
     registry: ClassVar[dict[str, type[PreTrainedModel]]] = {}
     #: The router of attached deltas (a ``deltaformer.delta.routing.DeltaRouter``, set by ``delta.attach``).
     delta_router: Any = None
+    #: What loading the checkpoint did (set by :meth:`from_pretrained`).
+    load_report: LoadReport
     #: The input hook of prompt-based deltas, on backbones that run one (see :meth:`delta_backbone`).
     prompt: nn.Module | None
 
@@ -184,7 +188,9 @@ class PreTrainedModel(nn.Module):
         ``log_report=False`` leaves reporting missing weights to a caller that loads them next (``load_report``).
         """
         path = resolve_path(name_or_path)
-        config = load_config(path)
+        gguf = find_gguf(path)
+        checkpoint = open_gguf(gguf) if gguf is not None else None
+        config = read_config(path)
         if not isinstance(config, cls.config_class):
             raise ConfigError(
                 f"{path} holds a {config.model_type!r} model; {cls.__name__} needs {cls.config_class.model_type!r}"
@@ -197,19 +203,27 @@ class PreTrainedModel(nn.Module):
             config.extra.pop("id2label", None)
             config.extra.pop("label2id", None)
         model = cls(config)
-        report = model.load_hf_state_dict(load_state_dict(path))
+        weights = checkpoint.hf_tensors() if checkpoint is not None else load_state_dict(path)
+        report = model.load_hf_state_dict(weights)
         if log_report and (report.missing or report.unexpected):
             log.warning("loading %s into %s: %s", path, cls.__name__, report)
         model.load_report = report
         return model.eval()
 
-    def load_hf_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> LoadReport:
-        """Load HF-named weights; shape mismatches and missing backbone weights are errors."""
+    def load_hf_state_dict(self, state: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                           strict: bool = True) -> LoadReport:
+        """Load HF-named weights; shape mismatches and missing backbone weights are errors.
+
+        ``state`` is a dict or an iterator of ``(name, tensor)`` pairs; each tensor is copied into the model as it
+        comes, so a streamed checkpoint (GGUF) is never held whole beside the model.
+        """
         name_map = self.name_map()
         ours = self.state_dict()
-        translated: dict[str, Tensor] = {}
+        translated: set[str] = set()
         unexpected: list[str] = []
-        for raw_name, tensor in state.items():
+        streamed = not isinstance(state, Mapping)
+        staged: dict[str, Tensor] = {}  # a dict is checked whole before anything is copied
+        for raw_name, tensor in state.items() if isinstance(state, Mapping) else state:
             name = self.hf_name_for_this_class(normalize_legacy(raw_name), name_map)
             if any(name.endswith(ignored) for ignored in self.hf_ignored):
                 continue
@@ -222,7 +236,12 @@ class PreTrainedModel(nn.Module):
                     f"checkpoint weight {raw_name} has shape {tuple(tensor.shape)} but the model expects "
                     f"{tuple(ours[mine].shape)}: the checkpoint's config.json does not match its weights"
                 )
-            translated[mine] = tensor
+            if streamed:
+                with torch.no_grad():
+                    ours[mine].copy_(tensor)
+            else:
+                staged[mine] = tensor
+            translated.add(mine)
         missing = [k for k in ours if k not in translated and not self._derived(k)]
         fatal = [k for k in missing if not k.startswith(self.head_prefixes)]
         if fatal and strict:
@@ -230,7 +249,9 @@ class PreTrainedModel(nn.Module):
                 f"checkpoint lacks {len(fatal)} weight(s) of {type(self).__name__}, e.g. {fatal[0]}: "
                 "is it a checkpoint of this architecture? (pass strict=False to initialise them fresh)"
             )
-        self.load_state_dict(translated, strict=False)
+        with torch.no_grad():
+            for mine, tensor in staged.items():
+                ours[mine].copy_(tensor)
         return LoadReport(missing=missing, unexpected=unexpected)
 
     def _derived(self, name: str) -> bool:
@@ -288,11 +309,17 @@ class PreTrainedModel(nn.Module):
         return total
 
 
+def read_config(path: Path) -> ModelConfig:
+    """The config of a resolved checkpoint: its ``config.json``, or a GGUF file's metadata."""
+    gguf = find_gguf(path)
+    return ModelConfig.from_dict(open_gguf(gguf).hf_config()) if gguf is not None else load_config(path)
+
+
 def resolve_path(name_or_path: str | Path) -> Path:
-    """A model directory, or a known asset name fetched on first use."""
+    """A model directory, a GGUF file, or a known asset name fetched on first use."""
     path = Path(name_or_path)
     if path.exists():
-        if not path.is_dir():
+        if not path.is_dir() and path.suffix != ".gguf":
             raise CheckpointError(f"{path} is a file; expected a model directory (the folder holding config.json "
                                   f"and the weights): pass {path.parent}")
         return path

@@ -7,7 +7,7 @@ are still returned on request (from the dense reference path, equal to the fast 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,7 @@ class BertModel(PreTrainedModel):
     """
 
     config_class = BertConfig
+    config: BertConfig
     hf_architecture = "BertModel"
     hf_backbone_prefix = "bert."
     hf_ignored = ("embeddings.position_ids",)
@@ -157,7 +158,7 @@ class BertModel(PreTrainedModel):
         first_only = first_token_only and not (output_hidden_states or output_attentions)
         for i, layer in enumerate(self.layers):
             if first_only and i == len(self.layers) - 1:
-                x = layer.forward_first(x, key_mask)
+                x = cast(BertLayer, layer).forward_first(x, key_mask)
                 continue
             x, weights = layer(x, key_mask, need_weights=output_attentions)
             if output_hidden_states:  # keeping them otherwise would pin memory the allocator could reuse
@@ -179,6 +180,7 @@ class BertTaskModel(PreTrainedModel):
     """A BERT backbone (``self.backbone``) under a task head; HF names the backbone ``bert.``."""
 
     config_class = BertConfig
+    config: BertConfig
     hf_backbone_prefix = "bert."
     hf_ignored = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
     head_rules: ClassVar[list[tuple[str, str]]] = []

@@ -27,6 +27,7 @@ def embed_inputs(
     if (input_ids is None) == (inputs_embeds is None):
         raise InputError("pass exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
+        assert input_ids is not None  # exactly one of them is given
         check_token_ids(input_ids, tokens.num_embeddings)
         inputs_embeds = tokens(input_ids)
     batch, seq = inputs_embeds.shape[:2]

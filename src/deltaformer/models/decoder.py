@@ -89,9 +89,31 @@ class DecoderModel(PreTrainedModel):
         """The first hidden state from token embeddings and positions."""
         raise NotImplementedError
 
+    def delta_backbone(self) -> PreTrainedModel:
+        """The decoder stack runs the layers and the ``prompt`` input hook (the DeltaHost protocol)."""
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.tokens
+
     def rotation(self, position_ids: Tensor, dtype: torch.dtype) -> Rotation | None:
         """The query/key rotation of these positions (RoPE), or None for models without one."""
         return None
+
+    def _prompted(self, input_ids: Tensor | None, embeds: Tensor, mask: Tensor | None):
+        """Run the input hook: (embeds, mask, position offset or None). Soft tokens it prepends get mask
+        ones (so mask-derived positions count them); the offset is prefix tuning's per-row shift, (B, 1)."""
+        batch, seq = embeds.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
+        types = torch.zeros(batch, seq, dtype=torch.long, device=embeds.device)
+        prompted = self.prompt(input_ids, embeds, mask, types)  # type: ignore[misc]
+        embeds, mask = prompted[0], prompted[1]
+        positions = prompted[3] if len(prompted) > 3 else None
+        offset = None
+        if positions is not None:  # the hook counts from 0 and adds its shift: keep the shift only
+            offset = (positions - torch.arange(embeds.shape[1], device=embeds.device))[:, :1]
+        return embeds, mask, offset
 
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -113,6 +135,10 @@ class DecoderModel(PreTrainedModel):
     ) -> DecoderOutput:
         """``attention_mask``: (B, past + new), 1 = real token. ``cache`` is extended in place.
 
+        ``position_ids`` (default: from the mask) are the positions the tokens have without deltas: a prefix
+        delta's shift is added here (and kept on the cache for later steps), and when a prompt delta prepends
+        soft tokens on the first forward, positions are taken from the extended mask instead.
+
         ``hidden_states`` (when asked for) are HF's: the embeddings, each block's output, the last one after
         the final norm.
         """
@@ -129,16 +155,18 @@ class DecoderModel(PreTrainedModel):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
             raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + seq)}"
                              " (cached + new positions, 1 for real tokens)")
+        offset = cache.position_offset if cache is not None and past > 0 else None
         if self.prompt is not None and past == 0:
-            mask = attention_mask if attention_mask is not None else inputs_embeds.new_ones(batch, seq, dtype=torch.long)
-            types = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
-            prompted = self.prompt(input_ids, inputs_embeds, mask, types)
-            inputs_embeds, attention_mask = prompted[0], prompted[1]
-            if position_ids is None and len(prompted) > 3 and prompted[3] is not None:
-                position_ids = prompted[3]
+            inputs_embeds, attention_mask, offset = self._prompted(input_ids, inputs_embeds, attention_mask)
+            if inputs_embeds.shape[1] != seq:  # soft tokens prepended: the caller's positions no longer line up
+                position_ids = None
             seq = inputs_embeds.shape[1]
+            if cache is not None:
+                cache.position_offset = offset
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, seq, batch, inputs_embeds.device)
+        if offset is not None:
+            position_ids = position_ids + offset
         key_mask = key_mask_from(attention_mask) if attention_mask is not None else None
         x = self.embed(inputs_embeds, position_ids)
         rotary = self.rotation(position_ids, x.dtype)
@@ -206,6 +234,9 @@ class DecoderTaskModel(PreTrainedModel):
         prefix = cls.hf_backbone_prefix
         return NameMap(cls.head_rules) + cls.backbone_name_map().prefixed(prefix, "backbone.")
 
+    def delta_backbone(self) -> PreTrainedModel:
+        return self.backbone
+
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` positions (prompt + new tokens)."""
@@ -222,6 +253,8 @@ class DecoderForCausalLM(DecoderTaskModel):
     """Next-token logits over the vocabulary; the head is the token embeddings when they are tied."""
 
     head_rules = [("lm_head", "lm_head")]
+    #: The vocabulary projection: deltas' "all-linear" leaves it out (see delta.targets.match_targets).
+    output_layer_path: ClassVar[str] = "lm_head"
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -11,6 +11,7 @@ once and the decoder step by step through :meth:`LEDModel.encode`, :meth:`LEDMod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,9 @@ from ..config import LEDConfig
 from ..errors import InputError
 from ..nn.attention import KVCache, SelfAttention
 from ..nn.dropout import Dropout
-from ..nn.linear import linear
+from ..nn.linear import Linear, linear
 from ..nn.mlp import FeedForward
-from ..nn.patterns import Causal
+from ..nn.patterns import Causal, Full
 from .base import Output, PreTrainedModel
 from .common import check_length, check_token_ids, key_mask_from, residual_add
 from .longformer import LongformerLayer, LongformerOutput, run_layers
@@ -68,17 +69,37 @@ class Seq2SeqOutput(Output):
     encoder_global_attentions: tuple[Tensor, ...] | None = None
 
 
-class CrossAttention(SelfAttention):
-    """Decoder queries over the encoder's output, whose keys and values are made once per input."""
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder's output, whose keys and values are made once per input.
+
+    Not a :class:`SelfAttention`: its forward takes the encoder's keys and values, which no self-attention
+    call does. It has the same projections under the same names (``query``, ``key``, ``value``, ``out``:
+    plain linears that deltas wrap by name) and full attention over the memory.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.query = Linear(dim, dim)
+        self.key = Linear(dim, dim)
+        self.value = Linear(dim, dim)
+        self.out = Linear(dim, dim)
+        self.dropout = dropout
+        self.pattern = Full()
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, S, dim) -> (B, heads, S, head_dim)."""
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
     def memory(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the encoder's output (B, S, dim): reused at every decoding step."""
-        return self.split_heads(self.key(states), self.n_kv_heads), self.split_heads(self.value(states), self.n_kv_heads)
+        return self.split_heads(self.key(states)), self.split_heads(self.value(states))
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, x: Tensor, memory: tuple[Tensor, Tensor], memory_mask: Tensor | None, *, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        q = self.split_heads(self.query(x), self.n_heads)
+        q = self.split_heads(self.query(x))
         out, weights = self.pattern.attend(q, *memory, key_mask=memory_mask, need_weights=need_weights,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), weights
@@ -171,6 +192,7 @@ class LEDModel(PreTrainedModel):
     """LED's encoder and decoder sharing one token embedding table."""
 
     config_class = LEDConfig
+    config: LEDConfig
     hf_architecture = "LEDModel"
     hf_backbone_prefix = "led."
     hf_ignored = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -195,7 +217,7 @@ class LEDModel(PreTrainedModel):
 
     def memories(self, encoder_states: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every decoder layer's cross-attention keys and values over ``encoder_states``."""
-        return [layer.encoder_attn.memory(encoder_states) for layer in self.decoder.layers]
+        return [cast(LEDDecoderLayer, layer).encoder_attn.memory(encoder_states) for layer in self.decoder.layers]
 
     def decode(self, decoder_input_ids: Tensor, memories: list[tuple[Tensor, Tensor]],
                attention_mask: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
@@ -214,7 +236,7 @@ class LEDModel(PreTrainedModel):
         if decoder_input_ids is None:
             if input_ids is None:
                 raise InputError("pass decoder_input_ids (or input_ids to shift right, as BART does)")
-            decoder_input_ids = shift_tokens_right(input_ids, self.config.pad_token_id,
+            decoder_input_ids = shift_tokens_right(input_ids, self.config.pad_id,
                                                    self.config.decoder_start_token_id)
         if encoder_outputs is None:
             if input_ids is None:
@@ -235,6 +257,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
     """LED with its language-model head (the shared embeddings, transposed, plus ``final_logits_bias``)."""
 
     config_class = LEDConfig
+    config: LEDConfig
     hf_architecture = "LEDForConditionalGeneration"
     hf_backbone_prefix = "led."
     hf_ignored = (*LEDModel.hf_ignored, "lm_head.weight")
@@ -243,6 +266,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: LEDConfig) -> None:
         super().__init__(config)
         self.backbone = LEDModel(config)
+        self.final_logits_bias: Tensor
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
 
     @classmethod
@@ -260,7 +284,7 @@ class LEDForConditionalGeneration(PreTrainedModel):
                 decoder_input_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs) -> Seq2SeqOutput:
         """Labels (-100 = ignored) give the loss; without decoder inputs they are shifted right to make them."""
         if labels is not None and decoder_input_ids is None:
-            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_id, self.config.decoder_start_token_id)
         out = self.backbone(input_ids, attention_mask, decoder_input_ids, **kwargs)
         out.logits = self.logits(out.last_hidden_state)
         if labels is not None:

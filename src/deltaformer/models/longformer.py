@@ -89,6 +89,10 @@ class LongformerModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.tokens
 
+    def default_global_attention_mask(self, input_ids: Tensor) -> Tensor | None:
+        """The global tokens when the caller gives none: none (the bare encoder has no reader of its own)."""
+        return None
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -210,12 +214,17 @@ class LongformerForSequenceClassification(PreTrainedModel):
     def delta_backbone(self) -> PreTrainedModel:
         return self.backbone
 
+    def default_global_attention_mask(self, input_ids: Tensor) -> Tensor:
+        """The global tokens when the caller gives none: the first (what the classifier reads), as HF does."""
+        mask = torch.zeros(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        mask[:, 0] = 1
+        return mask
+
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 labels=None, **kwargs) -> LongformerHeadOutput:
         if global_attention_mask is None:
             reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
-            global_attention_mask = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
-            global_attention_mask[:, 0] = 1
+            global_attention_mask = self.default_global_attention_mask(reference)
         out = self.backbone(input_ids, attention_mask, global_attention_mask, token_type_ids, **kwargs)
         logits = self.classifier(out.last_hidden_state)
         loss = (classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)

@@ -49,3 +49,16 @@ def bytes_on_disk(path: Path) -> int:
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*")
                if p.is_file() and p.suffix in {".safetensors", ".bin", ".gguf", ".json"})
+
+
+def decoder_details(config: Any) -> dict[str, Any] | None:
+    """What a decoder LM's config adds to the encoder sizes: key/value heads, head width, positions and head
+    tying; None for other models."""
+    if config.model_type == "llama":
+        return {"kv_heads": config.num_key_value_heads, "head_dim": config.head_dim, "positions": "rope",
+                "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+                "tied_head": config.tie_word_embeddings, "norm": "rmsnorm", "mlp": f"gated ({config.hidden_act})"}
+    if config.model_type == "gpt2":
+        return {"kv_heads": config.n_head, "head_dim": config.head_dim, "positions": "learned",
+                "tied_head": config.tie_word_embeddings, "norm": "layernorm", "mlp": config.activation_function}
+    return None

@@ -105,9 +105,9 @@ class SelfAttention(nn.Module):
         if any(f is None for f in finishes) or len({b is None for b in biases}) > 1:
             return self.query(x), self.key(x), self.value(x)
         weight = torch.cat([layer.weight for layer in layers])
-        bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
+        bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]  # all or none are None (checked above)
         fused = linear(x, weight, bias).split([layer.weight.shape[0] for layer in layers], dim=-1)
-        return tuple(f(y) for f, y in zip(finishes, fused))  # type: ignore[misc, return-value]
+        return tuple(f(y) for f, y in zip(finishes, fused))  # type: ignore[misc, return-value]  # no finish is None here (checked above); three projections
 
 
 def _output_side(layer: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -135,7 +135,7 @@ class KVCache:
         return 0 if self.key is None else self.key.shape[2]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.key is not None:
+        if self.key is not None and self.value is not None:
             k = torch.cat([self.key, k], dim=2)
             v = torch.cat([self.value, v], dim=2)
         self.key, self.value = k, v

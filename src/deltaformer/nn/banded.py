@@ -160,7 +160,7 @@ def banded_attention(
             args = (queries[b, :, :, r].transpose(1, 2), windows(keys[b, r]), windows(values[b, r]), mask[b, r, :, None])
             if explicit:
                 out, w = dense_attention(*args, dropout_p, scale)
-                if need_weights:
+                if columns is not None:
                     weights.append(w.gather(-1, columns.expand(n, heads, *columns.shape)).transpose(1, 2))
             else:
                 out = F.scaled_dot_product_attention(*args, dropout_p=dropout_p, scale=scale)

@@ -73,6 +73,9 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
+        #: (batch, 1) shift a model adds to mask-derived positions on every step after the first (prefix
+        #: tuning starts positions after its slots); None: no shift. Kept in step with the rows.
+        self.position_offset: Tensor | None = None
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
@@ -106,6 +109,8 @@ class KVCache:
             raise InputError(f"cache rows {rows.tolist()} are outside the batch of {self.batch}")
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
+        if self.position_offset is not None:
+            self.position_offset = self.position_offset.index_select(0, rows.to(self.position_offset.device))
 
     def crop(self, n: int) -> None:
         """Forget every position from ``n`` on (negative: drop that many from the end)."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .attention import SelfAttention
-from .banded import banded_attention
+from .banded import banded_attention, window_to_dense
 from .linear import PLAIN_LINEARS, Linear
 from .patterns import ExtraKV, Pattern, dense_attention, expand_kv_heads, join_extra
 
@@ -82,16 +83,18 @@ class SlidingWindow(Pattern):
             return self.reference(q, k, v, key_mask=key_mask, extra=extra, dropout_p=dropout_p, scale=scale)
         n_heads = q.shape[1]
         k, v = expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads)
-        slots = {} if extra is None else dict(
+        slots: dict[str, Any] = {} if extra is None else dict(
             extra_key=expand_kv_heads(extra.key, n_heads), extra_value=expand_kv_heads(extra.value, n_heads),
             extra_mask=None if extra.mask is None else extra.mask.to(torch.bool),
         )
-        options = dict(window=self.window, causal=self.causal, key_mask=key_mask, block=self.block,
+        options: dict[str, Any] = dict(window=self.window, causal=self.causal, key_mask=key_mask, block=self.block,
                        need_weights=need_weights, dropout_p=dropout_p, scale=scale)
         dilations = self.head_dilations(n_heads)
         if len(set(dilations)) == 1:
             return banded_attention(q, k, v, dilation=dilations[0], **slots, **options)
-        outs, weights, order = [], [], []
+        outs: list[Tensor] = []
+        weights: list[Tensor] = []
+        order: list[int] = []
         for d in sorted(set(dilations)):
             heads = [h for h, hd in enumerate(dilations) if hd == d]
             pick = torch.tensor(heads, device=q.device)
@@ -99,7 +102,8 @@ class SlidingWindow(Pattern):
             out, w = banded_attention(q.index_select(1, pick), k.index_select(1, pick), v.index_select(1, pick),
                                       dilation=d, **group, **options)
             outs.append(out)
-            weights.append(w)
+            if w is not None:
+                weights.append(w)
             order += heads
         inverse = torch.tensor(order, device=q.device).argsort()
         out = torch.cat(outs, dim=1).index_select(1, inverse)
@@ -132,6 +136,34 @@ class SlidingWindow(Pattern):
             out = torch.where(query_ok[:, None, :, None], out, 0)
             weights = torch.where(query_ok[:, None, :, None], weights, 0)
         return out, weights
+
+
+def with_global(allowed: Tensor, global_positions: Sequence[int]) -> Tensor:
+    """A (.., S, S) allowed-cells mask with Longformer's global rule added (Beltagy et al., 2020, fig. 2):
+    a global query sees every key, every query sees the global keys."""
+    out = allowed.clone()
+    index = torch.tensor(list(global_positions), dtype=torch.long, device=allowed.device)
+    out[..., index, :] = True
+    out[..., :, index] = True
+    return out
+
+
+def dense_weights(local: Tensor, global_: Tensor | None, global_positions: Sequence[int], window: int,
+                  dilation: int | Sequence[int]) -> Tensor:
+    """One input's :class:`LongformerSelfAttention` weights unrolled to (H, S, S).
+
+    ``local`` (H, S, G + width): global keys first, then the window offsets (``need_weights``' local part for
+    one input); ``global_`` (H, S, G): what each global query gives each key (the global part, transposed).
+    Global queries' rows come from ``global_``; their local rows are zeros.
+    """
+    slots = len(global_positions)
+    dense = window_to_dense(local[None], window, dilation, slots=slots)[0]  # (H, S, G + S)
+    out = dense[..., slots:].clone()
+    index = torch.tensor(list(global_positions), dtype=torch.long, device=local.device)
+    if slots and global_ is not None:
+        out[..., index] += dense[..., :slots]
+        out[:, index, :] = global_.transpose(1, 2)
+    return out
 
 
 @dataclass
@@ -185,9 +217,9 @@ class LongformerSelfAttention(SelfAttention):
         self.key_global = Linear(dim, n_heads * self.head_dim, bias=bias)
         self.value_global = Linear(dim, n_heads * self.head_dim, bias=bias)
 
-    def forward(  # type: ignore[override]
+    def forward(  # type: ignore[override]  # also takes a LongformerMask, and returns global weights too
         self, x: Tensor, key_mask: Tensor | LongformerMask | None = None, *, need_weights: bool = False
-    ) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
+    ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None] | None]:
         mask = key_mask if isinstance(key_mask, LongformerMask) else LongformerMask(key_mask)
         padding, tokens = mask.key_mask, mask.tokens
         q, k, v = (self.split_heads(proj(x), self.n_heads) for proj in (self.query, self.key, self.value))
@@ -263,15 +295,20 @@ def _gather_positions(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
+def _all_valid(extra: ExtraKV) -> Tensor:
+    """The slots' mask, all True when they have none."""
+    if extra.mask is not None:
+        return extra.mask
+    return torch.ones(extra.key.shape[0], extra.key.shape[2], dtype=torch.bool, device=extra.key.device)
+
+
 def _join_slots(first: ExtraKV | None, second: ExtraKV) -> ExtraKV:
     """Concatenate two sets of extra slots (prefix tuning's, then the global tokens')."""
     if first is None:
         return second
-    batch, slots = first.key.shape[0], first.key.shape[2]
-    first_mask = first.mask if first.mask is not None else torch.ones(batch, slots, dtype=torch.bool,
-                                                                       device=first.key.device)
+    first_mask = _all_valid(first)
     return ExtraKV(
         key=torch.cat([first.key.to(second.key.dtype), second.key], dim=2),
         value=torch.cat([first.value.to(second.value.dtype), second.value], dim=2),
-        mask=torch.cat([first_mask.to(torch.bool), second.mask.to(torch.bool)], dim=1),
+        mask=torch.cat([first_mask.to(torch.bool), _all_valid(second).to(torch.bool)], dim=1),
     )

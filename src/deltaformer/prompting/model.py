@@ -26,6 +26,7 @@ from ..errors import PromptError
 from ..models.base import HeadOutput
 from .rendering import PromptItem, PromptRenderer
 from .scoring import PromptCollator, PromptScorer, collator_for, logits_at, model_inputs
+from .shared_prompt import can_share_prompts, shared_prompt_scores
 
 
 @dataclass
@@ -92,6 +93,8 @@ class PromptModel(nn.Module):
         self.num_labels = classes.pop()
         self.config = getattr(lm, "config", None)
         self.train(lm.training)  # a model loaded for scoring stays in eval mode (no dropout)
+        #: causal LMs without gradients: each prompt runs once, every label word from its cache (shared_prompt.py)
+        self.share_prompts = True
 
     def collator(self, tokenizer) -> PvpCollator:
         return PvpCollator(tuple(collator_for(p.scorer, tokenizer) for p in self.pvps))
@@ -110,6 +113,11 @@ class PromptModel(nn.Module):
         parts = [model_inputs({k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith(f"{p}.")})
                  for p in range(len(self.pvps))]
         counts = [x["input_ids"].shape[0] for x in parts]
+        scorers = [p.scorer for p in self.pvps]
+        if self.share_prompts and not torch.is_grad_enabled() and can_share_prompts(self.lm, scorers):
+            for p, part in enumerate(parts):
+                part["positions"] = batch[f"{p}.positions"]
+            return shared_prompt_scores(self.lm, scorers, parts, self._routing)
         joined = _concat(parts)
         rows, positions, start = [], [], 0
         for p, (pvp, n) in enumerate(zip(self.pvps, counts)):
@@ -181,7 +189,7 @@ def _activated(lm: nn.Module, names: tuple[str, ...]):
 def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate rows of several PVPs, right-padding to the longest (the padding is masked out)."""
     if len(parts) == 1:
-        return parts[0]
+        return dict(parts[0])
     length = max(x["input_ids"].shape[1] for x in parts)
     out = {}
     for key in parts[0]:

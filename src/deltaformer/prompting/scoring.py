@@ -55,9 +55,10 @@ class PromptScorer:
         tokens = self.tokens.to(picked.device)[None, ..., None].expand(*picked.shape[:3], 1)
         return picked.float().log_softmax(-1).gather(-1, tokens).squeeze(-1)
 
-    def word_scores(self, picked: Tensor) -> Tensor:
-        """(N, W) word scores under the word reduction."""
-        logp = self.token_log_probs(picked)
+    def word_scores(self, picked: Tensor | None = None, logp: Tensor | None = None) -> Tensor:
+        """(N, W) word scores under the word reduction, from the logits at the words' positions or from the
+        tokens' log-probabilities (N, W, L) directly."""
+        logp = self.token_log_probs(picked) if logp is None else logp
         valid = torch.arange(logp.shape[-1], device=logp.device)[None, :] < self.lengths.to(logp.device)[:, None]
         if self.word_reduce == "first":
             return logp[..., 0]
@@ -66,10 +67,10 @@ class PromptScorer:
         total = (logp * valid).sum(-1)
         return total / self.lengths.to(logp.device) if self.word_reduce == "mean" else total
 
-    def class_scores(self, picked: Tensor) -> Tensor:
-        """(N, C) class scores from the logits at the words' positions (:func:`logits_at`): each class reduces
-        its words' scores."""
-        words = self.word_scores(picked)
+    def class_scores(self, picked: Tensor | None = None, logp: Tensor | None = None) -> Tensor:
+        """(N, C) class scores from the logits at the words' positions (:func:`logits_at`), or the tokens'
+        log-probabilities: each class reduces its words' scores."""
+        words = self.word_scores(picked, logp)
         member = self.word_class.to(words.device)[None, :] == torch.arange(self.num_classes, device=words.device)[:, None]
         spread = words[:, None, :].expand(-1, self.num_classes, -1)  # (N, C, W)
         if self.class_reduce == "mean":

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import delta
+from ..data.clm import LMCollator
 from ..errors import ConfigError, PromptError
 from ..models.base import HeadOutput
 from ..train.finetune import model_reference
@@ -96,24 +96,6 @@ def pack(examples: Sequence[LMExample], max_length: int) -> list[LMExample]:
     if ids:
         packs.append(LMExample(ids, labels))
     return packs
-
-
-@dataclass(frozen=True)
-class LMCollator:
-    """Right-pad ids (``pad_token_id``) and labels (-100); ``attention_mask`` marks real tokens."""
-
-    pad_token_id: int
-
-    def __call__(self, items: Sequence[LMExample]) -> dict[str, Tensor]:
-        length = max(len(x.input_ids) for x in items)
-        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, x in enumerate(items):
-            ids[i, :len(x.input_ids)] = torch.tensor(x.input_ids)
-            labels[i, :len(x.labels)] = torch.tensor(x.labels)
-            mask[i, :len(x.input_ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class CausalLMObjective(nn.Module):

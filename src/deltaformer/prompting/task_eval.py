@@ -8,7 +8,7 @@ Demonstrations come from the task's training split; the examples scored from ``s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class TaskEvalSpec:
     device: str | None = None
     generate: bool = False
     max_new_tokens: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)
+    preloaded: tuple[nn.Module, Any, str] | None = None  # (lm, tokenizer, kind) already loaded from ``model``
 
 
 def run_type(path: str) -> str | None:
@@ -68,7 +68,7 @@ def load_for_prompting(spec: TaskEvalSpec, labels: list[str]) -> PromptModel:
         return model
     if spec.setup is None:
         raise ConfigError("give --template and --verbalizer (or a prompt-based run directory that has them)")
-    lm, tokenizer, kind = _load_base(spec.model, kind_of_run)
+    lm, tokenizer, kind = spec.preloaded if spec.preloaded is not None else _load_base(spec.model, kind_of_run)
     return build_prompt_model(lm, tokenizer, kind, labels, spec.setup, None)
 
 

@@ -1,1 +1,1 @@
-"""Quantized weights: GGUF block formats (``gguf_blocks``)."""
+"""Quantized number formats: how packed blocks of low-bit integers and scales become tensors again."""

@@ -95,7 +95,7 @@ def load_checkpoint(path: Path) -> TrainingCheckpoint:
     meta = json.loads(header[META_KEY])
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this version reads {FORMAT_VERSION}")
-    group = {"model": {}, "optim": {}, "rng": {}}
+    group: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
     for name, tensor in tensors.items():
         kind, _, rest = name.partition(".")
         if kind == "model":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 def _loader(dataset: Sequence, collate: Callable, batch_size: int, env: DistEnv) -> DataLoader:
     # Each rank takes every world_size-th example (no padding, so no example counts twice); a private
     # generator keeps the loader from drawing on the global RNG that dropout in training depends on.
-    shard = Subset(dataset, range(env.rank, len(dataset), env.world_size)) if env.distributed else dataset
+    shard: Any = Subset(cast(Any, dataset), range(env.rank, len(dataset), env.world_size)) if env.distributed else dataset  # a sequence is a map-style dataset
     return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate,
                       generator=torch.Generator())
 
@@ -64,6 +65,33 @@ def evaluate(
 
 
 @torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    dataset: Sequence,
+    collate: Callable,
+    batch_size: int = 64,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """A causal LM's next-token loss over every labelled token of ``dataset`` (token-weighted, so short
+    blocks count for what they hold) and its perplexity; the model's mode is kept."""
+    env = env or DistEnv(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, predicted tokens
+    for batch in _loader(dataset, collate, batch_size, env):
+        batch = move(batch, env.device)
+        with autocast(env.device, bf16):
+            out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        totals += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=env.device)])
+    model.train(was_training)
+    all_reduce_sum(totals, env)
+    loss = totals[0].item() / max(1.0, totals[1].item())
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals[1].item())}
+
+
+@torch.no_grad()
 def predict_probabilities(
     model: nn.Module, dataset: Sequence, collate: Callable, batch_size: int = 64, bf16: bool = False
 ) -> torch.Tensor:
@@ -72,7 +100,7 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     chunks = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    for batch in DataLoader(cast(Any, dataset), batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = move(batch, device)
         batch.pop("labels", None)
         with autocast(device, bf16):

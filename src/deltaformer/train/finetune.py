@@ -69,6 +69,7 @@ def load_splits(spec: FinetuneSpec) -> Splits:
         task = load_task(spec.task)
         return Splits(LabelMap(task.labels), task.split("train"), task.split("validation"), task.split("test"),
                       spec.max_length or task.max_length, source={"task": spec.task})
+    assert spec.train_file is not None  # no task, so a training file (checked above)
     skipped: list[str] = []
     train = read_table(spec.train_file, spec.fields, skip_bad_rows=spec.skip_bad_rows)
     skipped += train.skipped

@@ -24,7 +24,8 @@ def seed_everything(seed: int) -> None:
 def capture_rng(loader_generator: torch.Generator | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(JSON-able states, tensor states) of every generator; tensors go to safetensors, the rest to JSON."""
     version, internal, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    assert isinstance(np_keys, np.ndarray)
     meta = {
         "python": [version, list(internal), gauss],
         "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -124,6 +124,9 @@ class Trainer:
     num_labels: int | None = None
     on_step: Callable[[int], None] | None = None
     env: DistEnv = field(default_factory=DistEnv)
+    #: ``evaluator(model, dataset, collate, batch_size, env, bf16) -> metrics`` for models that are not
+    #: classifiers (causal LMs: :func:`~deltaformer.train.evaluation.evaluate_lm`); default: classification.
+    evaluator: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.config.check()
@@ -153,7 +156,7 @@ class Trainer:
 
         sampler = ResumableSampler(self.train_data, env.world_size, env.rank, seed=cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=sampler,
+        loader: DataLoader = DataLoader(cast(Any, self.train_data), batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=self.collate, generator=generator)
         batches_per_epoch = len(loader)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -205,7 +208,7 @@ class Trainer:
 
                 step = progress.global_step
                 if step % cfg.log_every == 0 or done or end_of_epoch:
-                    self._log_train(progress, scheduler.get_last_lr()[0], steps_per_epoch,
+                    self._log_train(progress, float(scheduler.get_last_lr()[0]), steps_per_epoch,
                                     time.perf_counter() - window_start, bar)
                     window_start = time.perf_counter()
 
@@ -226,8 +229,13 @@ class Trainer:
 
     def evaluate(self, dataset: Sequence) -> dict[str, float]:
         """Metrics of the current model on ``dataset``."""
-        return evaluate(self.model, dataset, self.collate, self.num_labels or 2, self.config.eval_batch_size,
-                        self.env, self.config.bf16)
+        return self._metrics(self.model, dataset)
+
+    def _metrics(self, model: nn.Module, dataset: Sequence) -> dict[str, Any]:
+        cfg = self.config
+        if self.evaluator is not None:
+            return self.evaluator(model, dataset, self.collate, cfg.eval_batch_size, self.env, cfg.bf16)
+        return evaluate(model, dataset, self.collate, self.num_labels or 2, cfg.eval_batch_size, self.env, cfg.bf16)
 
     # ---- internals ------------------------------------------------------------------------------------
 
@@ -239,7 +247,7 @@ class Trainer:
         for i in range(group):
             batch = move(next(batches), env.device)
             sync = not env.distributed or i == group - 1
-            with contextlib.nullcontext() if sync else wrapped.no_sync():
+            with contextlib.nullcontext() if sync else cast(DistributedDataParallel, wrapped).no_sync():
                 with autocast(env.device, cfg.bf16):
                     loss = wrapped(**batch).loss / group
                 loss.backward()
@@ -276,8 +284,8 @@ class Trainer:
     def _evaluate(self, model: nn.Module, progress: Progress, step: int, steps_per_epoch: int) -> bool:
         """Evaluate, keep the best weights, and say whether to stop early."""
         cfg = self.config
-        result = evaluate(model, self.eval_data, self.collate, self.num_labels or 2, cfg.eval_batch_size,
-                          self.env, cfg.bf16)
+        assert self.eval_data is not None  # only called with evaluation data
+        result = self._metrics(model, self.eval_data)
         progress.last_eval = result
         if self.env.is_main:
             self.metrics_log.append({"split": "validation", "step": step,

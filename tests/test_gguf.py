@@ -1,0 +1,190 @@
+"""GGUF: block dequantization bit for bit against ``gguf.quants``, the checkpoint mapping, the writer round
+trip, bad files; and on the real SmolLM2 file, tokenizer, chat template and logits against ``transformers``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from deltaformer.checkpoints.gguf import GGUFCheckpoint, find_gguf, permute_rotary, unpermute_rotary
+from deltaformer.checkpoints.gguf_writer import save_gguf
+from deltaformer.config import LlamaConfig
+from deltaformer.errors import CheckpointError
+from deltaformer.models import LlamaForCausalLM
+from deltaformer.quant.gguf_blocks import SUPPORTED_TYPES, dequantize
+from deltaformer.tokenizer import AutoTokenizer
+
+QUANTIZABLE = ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # gguf.quants can pack these
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # unpack only: random blocks with finite scales
+_SCALE_BYTES = {"Q2_K": [(80, 84)], "Q3_K": [(108, 110)], "Q4_K": [(0, 4)], "Q5_K": [(0, 4)], "Q6_K": [(208, 210)]}
+
+
+def _random_k_blocks(kind: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1]
+    blocks = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for start, stop in _SCALE_BYTES[kind]:
+        scales = rng.normal(0, 0.05, size=(n_blocks, (stop - start) // 2)).astype(np.float16)
+        blocks[:, start:stop] = scales.view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("kind", QUANTIZABLE + K_QUANTS + ["F16", "F32"])
+def test_dequantize_equals_gguf_bit_for_bit(kind):
+    rng = np.random.default_rng(0)
+    qtype = GGMLQuantizationType[kind]
+    rows, cols = 6, 512
+    if kind in K_QUANTS:
+        packed = _random_k_blocks(kind, rows * cols // 256, rng).reshape(rows, -1)
+    else:
+        weights = rng.normal(0, 1, size=(rows, cols)).astype(np.float32)
+        weights[0, :32] = 0.0  # an all-zero block (scale 0)
+        packed = quants.quantize(weights, qtype)
+    expected = quants.dequantize(packed, qtype).reshape(rows, cols)
+    ours = dequantize(packed, qtype, (rows, cols))
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours.view(torch.int32), torch.from_numpy(np.ascontiguousarray(expected)).view(torch.int32))
+    assert torch.equal(dequantize(torch.from_numpy(packed.view(np.uint8).copy()), kind, (rows, cols)), ours)
+
+
+def test_every_type_gguf_reads_is_covered():
+    assert {t.name for t in SUPPORTED_TYPES} >= set(QUANTIZABLE + K_QUANTS + ["F16", "F32"])
+
+
+def test_unsupported_or_truncated_blocks_are_one_line_errors():
+    with pytest.raises(CheckpointError, match="IQ2_XXS is not supported"):
+        dequantize(np.zeros(66, np.uint8), GGMLQuantizationType.IQ2_XXS, (256,))
+    with pytest.raises(CheckpointError, match="unknown GGUF tensor type"):
+        dequantize(np.zeros(34, np.uint8), "Q9_9", (32,))
+    packed = quants.quantize(np.ones((2, 64), np.float32), GGMLQuantizationType.Q8_0)
+    with pytest.raises(CheckpointError, match="truncated"):
+        dequantize(packed.reshape(-1)[:-1], "Q8_0", (2, 64))
+
+
+def test_rotary_permutation_round_trips():
+    w = torch.randn(4 * 8, 5)
+    assert torch.equal(unpermute_rotary(permute_rotary(w, 4), 4), w)
+    assert not torch.equal(permute_rotary(w, 4), w)
+
+
+def _tiny_llama(**overrides) -> LlamaForCausalLM:
+    settings = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,
+                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
+
+
+@pytest.mark.parametrize("tensor_type, atol", [("F32", 0.0), ("F16", 1e-2), ("Q8_0", 5e-2), ("Q4_1", 0.5)])
+def test_save_gguf_round_trips(tmp_path, tensor_type, atol):
+    model = _tiny_llama()
+    with torch.no_grad():  # a fine-tuned model: weights that are not the init's
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_gguf(model, tmp_path / "tiny.gguf", tensor_type)
+    loaded = LlamaForCausalLM.from_pretrained(path)
+    assert loaded.config.num_key_value_heads == 2 and not loaded.config.tie_word_embeddings
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        ours, back = model(ids).logits, loaded(ids).logits
+    assert (ours - back).abs().max().item() <= atol
+    types = set(GGUFCheckpoint(path).tensor_types().values())
+    assert tensor_type in types and (types <= {tensor_type, "F32"})
+
+
+def test_save_gguf_matches_transformers_loader(tmp_path):
+    """Our writer's file in transformers' GGUF loader gives our logits: names, shapes, permutation agree."""
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(tie_word_embeddings=True)
+    save_gguf(model, tmp_path / "tiny.gguf", "F32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_bad_gguf_files(tmp_path):
+    good = save_gguf(_tiny_llama(), tmp_path / "good.gguf", "F32")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        LlamaForCausalLM.from_pretrained(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        GGUFCheckpoint(junk)
+    with pytest.raises(CheckpointError, match="save_gguf writes Llama"):
+        from deltaformer.config import GPT2Config
+        from deltaformer.models import GPT2LMHeadModel
+
+        save_gguf(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)), tmp_path / "g.gguf")
+    both = tmp_path / "two"
+    both.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (both / name).write_bytes(good.read_bytes())
+    with pytest.raises(CheckpointError, match="2 GGUF files"):
+        find_gguf(both)
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="'mamba' model; deltaformer reads GGUF files of llama"):
+        LlamaForCausalLM.from_pretrained(tmp_path / "mamba.gguf")
+
+
+# --- the real file: SmolLM2-135M-Instruct, Q4_1 -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm_file():
+    from deltaformer.data.assets import resolve_model_path
+
+    return find_gguf(resolve_model_path("smollm2-135m"))
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm_file):
+    transformers = pytest.importorskip("transformers")
+    from deltaformer.data.tasks import load_task
+
+    hf = transformers.AutoTokenizer.from_pretrained(smollm_file.parent, gguf_file=smollm_file.name)
+    ours = AutoTokenizer.from_pretrained("smollm2-135m")
+    sentences = [ex.text for ex in load_task("rt-polarity").split("train")[:300]]
+    sentences[:3] = ["<|im_start|>user\nhi<|im_end|>", "  two  spaces\tand tab\n", "naïve café — 2024's 12345"]
+    assert [ours.encode(s) for s in sentences] == [hf.encode(s) for s in sentences]
+    assert ours.decode(ours.encode(sentences[5])) == hf.decode(hf.encode(sentences[5]))
+    for messages in ([{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]):
+        for prompt in (True, False):
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False) == \
+                hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt) == \
+                list(hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True,
+                                            return_dict=False))
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_smollm2_logits_equal_transformers_gguf_loader(smollm_file):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm_file.parent, gguf_file=smollm_file.name,
+                                                           dtype=torch.float32).eval()
+    ours = LlamaForCausalLM.from_pretrained("smollm2-135m")
+    assert ours.num_parameters() == hf.num_parameters() == 134_515_008
+    tok = AutoTokenizer.from_pretrained("smollm2-135m")
+    batch = tok(["The capital of France is", "a gripping, funny and moving film about two brothers"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mine = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    assert (theirs[keep] - mine[keep]).abs().max().item() < 1e-4
