@@ -243,8 +243,10 @@ def test_add_and_remove_a_delta_while_running(setup, server, client, tmp_path):
         client.completions.create(model="tiny:ia3-copy", prompt="x", max_tokens=2)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_input_side_deltas_added_while_running(setup, server, client, method):
+# A prompt-tuning row that joins a batch already decoding is refused by DecodeState.add today (its cache is
+# sized from the prompt without the soft tokens; reported to the generation work), so it is checked alone.
+@pytest.mark.parametrize("method, beside_others", [("prefix", True), ("prompt", False)])
+def test_input_side_deltas_added_while_running(setup, server, client, method, beside_others):
     """Prefix and prompt tuning (soft tokens take cache positions) through the API equal generate too."""
     reference = tiny_llama(len(setup["tokenizer"]))
     reference.load_state_dict(setup["base_state"])
@@ -261,9 +263,21 @@ def test_input_side_deltas_added_while_running(setup, server, client, method):
     add = httpx.post(f"{server}/v1/deltas", json={"name": method, "path": f"{method}-x"}, headers=auth)
     assert add.status_code == 201, add.text
     try:
-        answer = client.completions.create(model=f"tiny:{method}", prompt="every user", max_tokens=8,
-                                           temperature=0)
-        assert answer.choices[0].text == text_of(setup, out[0, len(ids):].tolist())
+        want = text_of(setup, out[0, len(ids):].tolist())
+        mixed = [(method, "every user"), (None, "the quick brown"), ("lora", "a delta for"), (method, "every user")]
+
+        def ask(job: tuple[str | None, str]) -> str:
+            return client.completions.create(model=model_name(job[0]), prompt=job[1], max_tokens=8,
+                                             temperature=0).choices[0].text
+
+        if not beside_others:
+            assert ask(mixed[0]) == want
+            return
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # soft-token rows batched beside others
+            answers = list(pool.map(ask, mixed))
+        assert answers == [want, expected(setup, "the quick brown", None, 8), expected(setup, "a delta for", "lora", 8),
+                           want]
     finally:
         httpx.delete(f"{server}/v1/deltas/{method}", headers=auth)
 
