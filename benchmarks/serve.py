@@ -48,20 +48,10 @@ PROMPTS = ["Once upon a time, in a small village by the sea,", "The three most i
 
 
 def load_ours(asset: str) -> tuple[torch.nn.Module, Any]:
-    """Our model and tokenizer: an HF directory through ``load_model``, a GGUF asset through our reader."""
-    from deltaformer.checkpoints.gguf import GGUFCheckpoint, find_gguf
-    from deltaformer.config import LlamaConfig
-    from deltaformer.models import LlamaForCausalLM
+    """Our model and tokenizer (an HF directory, or the GGUF asset through our reader)."""
     from deltaformer.models.auto import load_model
-    from deltaformer.models.base import resolve_path
 
-    path = Path(resolve_path(asset))
-    if (path / "config.json").is_file():
-        return load_model(path).eval(), AutoTokenizer.from_pretrained(path)
-    checkpoint = GGUFCheckpoint(find_gguf(path))
-    model = LlamaForCausalLM(LlamaConfig.from_dict(checkpoint.hf_config())).eval()
-    model.load_hf_state_dict(dict(checkpoint.hf_tensors()))
-    return model, checkpoint.tokenizer()
+    return load_model(asset).eval(), AutoTokenizer.from_pretrained(asset)
 
 
 def load_hf(asset: str) -> tuple[Any, Any]:

@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from deltaformer import delta
-from deltaformer.checkpoints.gguf import GGUFCheckpoint, find_gguf
-from deltaformer.config import LlamaConfig
 from deltaformer.generation import GenerationConfig, generate
-from deltaformer.models import LlamaForCausalLM
-from deltaformer.models.base import resolve_path
+from deltaformer.models.auto import load_model
 from deltaformer.serving.server import BackgroundServer
 from deltaformer.serving.service import Service
 from deltaformer.serving.settings import ServeConfig
+from deltaformer.tokenizer import AutoTokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -25,10 +23,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.mark.slow
 @pytest.mark.assets
 def test_smollm2_chat_with_and_without_a_delta(tmp_path):
-    checkpoint = GGUFCheckpoint(find_gguf(resolve_path("smollm2-135m")))
-    model = LlamaForCausalLM(LlamaConfig.from_dict(checkpoint.hf_config())).eval()
-    model.load_hf_state_dict(dict(checkpoint.hf_tensors()))
-    tokenizer = checkpoint.tokenizer()
+    model = load_model("smollm2-135m").eval()
+    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m")
     torch.manual_seed(0)
     delta.attach(model, delta.LoraConfig(r=4, targets=("query", "value"), init=False), "lora")
     with torch.no_grad():  # a delta strong enough to change the answer
