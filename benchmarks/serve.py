@@ -1,9 +1,10 @@
 """``deltaformer serve`` under load: continuous batching over per-request deltas against one request at a
 time, and against peft (one adapter per sub-batch).
 
-SmolLM2-135M (fp32), 4 LoRA deltas (r=8, query/value, B random so each changes the answers) and the bare
-model; ``--requests`` greedy completions of ``--tokens`` new tokens each, sent by ``--clients`` concurrent
-clients to a real server on 127.0.0.1, request i on model i % 5. Modes, one JSON line each:
+SmolLM2-135M-Instruct (the Q4_1 GGUF asset, dequantized to fp32 by both libraries), 4 LoRA deltas (r=8,
+query/value, B random so each changes the answers) and the bare model; ``--requests`` greedy completions of
+``--tokens`` new tokens each, sent by ``--clients`` concurrent clients to a real server on 127.0.0.1, request
+i on model i % 5. Modes, one JSON line each:
 
 * ``batched``: the server with ``--max-batch`` rows decoding together (rows join and leave between steps);
 * ``one_at_a_time``: the same server with one row, the same load (the reference of the >= 3x target);
@@ -46,43 +47,45 @@ PROMPTS = ["Once upon a time, in a small village by the sea,", "The three most i
            "The history of the printing press begins"]
 
 
-def hf_checkpoint(asset: str) -> Path:
-    """An HF directory of the asset: the asset itself when it is one, else its GGUF file converted once with
-    transformers (cached beside the assets)."""
+def load_ours(asset: str) -> tuple[torch.nn.Module, Any]:
+    """Our model and tokenizer (an HF directory, or the GGUF asset through our reader)."""
+    from deltaformer.models.auto import load_model
+
+    return load_model(asset).eval(), AutoTokenizer.from_pretrained(asset)
+
+
+def load_hf(asset: str) -> tuple[Any, Any]:
+    """transformers' model and tokenizer of the same checkpoint (its own GGUF reader for a GGUF asset)."""
+    import transformers
+
+    from deltaformer.checkpoints.gguf import find_gguf
     from deltaformer.models.base import resolve_path
 
     path = Path(resolve_path(asset))
-    if (path / "config.json").is_file():
-        return path
-    out = Path.home() / ".cache" / "deltaformer" / "bench" / f"{asset}-hf"
-    if not (out / "config.json").is_file():
-        import transformers
-
-        gguf = next(path.glob("*.gguf"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf.name, dtype=torch.float32)
-        config = model.config
-        if hasattr(config, "quantization_config"):  # dequantized on load; transformers refuses to save "gguf"
-            del config.quantization_config
-        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(out)
-        transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf.name).save_pretrained(out)
-    return out
+    extra = {} if (path / "config.json").is_file() else {"gguf_file": find_gguf(path).name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left", **extra)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+    return model, tokenizer
 
 
-def make_deltas(model: torch.nn.Module, root: Path) -> dict[str, Path]:
-    """Four random LoRA deltas, a prefix and a prompt delta, saved as files (then detached again)."""
+def make_deltas(model: torch.nn.Module, root: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Four random LoRA deltas, a prefix and a prompt delta, saved as files (then detached again); returns
+    the directories and, for a method this model refuses, why."""
     torch.manual_seed(0)
     configs = {f"lora{k}": delta.LoraConfig(r=8, alpha=16, targets=("query", "value"), init=False)
                for k in range(4)}
     configs["prefix"] = delta.PrefixConfig(num_virtual_tokens=16)
     configs["prompt"] = delta.PromptConfig(num_virtual_tokens=16)
-    dirs = {}
+    dirs, refused = {}, {}
     for name, config in configs.items():
-        delta.attach(model, config, name)
+        try:
+            delta.attach(model, config, name)
+        except delta.DeltaError as exc:
+            refused[name] = str(exc)
+            continue
         dirs[name] = delta.save_delta(model, root / name, name)
         delta.detach(model, name)
-    return dirs
+    return dirs, refused
 
 
 async def load(url: str, requests: list[dict[str, Any]], clients: int, limit: float) -> tuple[list, list, float]:
@@ -139,16 +142,14 @@ def summary(tokens: int, wall: float, latencies: list[float], **extra: Any) -> d
             "p50_s": round(statistics.median(ordered), 3), "p95_s": round(p95, 3), **extra}
 
 
-def peft_mode(checkpoint: Path, dirs: dict[str, Path], names: list[str | None], args: argparse.Namespace
+def peft_mode(asset: str, dirs: dict[str, Path], names: list[str | None], args: argparse.Namespace
               ) -> dict[str, Any]:
     """transformers + peft: each adapter's requests as one left-padded generate (the bare ones with the
     adapters disabled); a request's latency is the time until its group is done."""
     import peft
-    import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    base, tokenizer = load_hf(asset)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     adapters = [n for n in dict.fromkeys(names) if n is not None]
     model = peft.PeftModel.from_pretrained(base, dirs[adapters[0]], adapter_name=adapters[0])
     for name in adapters[1:]:
@@ -194,33 +195,31 @@ def main() -> None:
     if args.quick:
         args.requests, args.clients, args.tokens, args.max_batch = 10, 4, 8, 4
     torch.set_num_threads(args.threads)
-    from deltaformer.models.auto import load_model
-
-    checkpoint = hf_checkpoint(args.model)
-    model = load_model(checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model, tokenizer = load_ours(args.model)
     lora = [None, "lora0", "lora1", "lora2", "lora3"]
     mixed = [None, "lora0", "lora1", "prefix", "prompt"]
     common = {"bench": "serve", "model": args.model, "requests": args.requests, "clients": args.clients,
               "tokens": args.tokens, "threads": args.threads, "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = make_deltas(model, Path(tmp))
+        dirs, refused = make_deltas(model, Path(tmp))
         reference, ref_texts = serve_mode(model, tokenizer, dirs, lora, args, max_batch=1)
         batched, texts = serve_mode(model, tokenizer, dirs, lora, args, max_batch=args.max_batch)
         batched.update(speedup=round(batched["tokens_per_s"] / reference["tokens_per_s"], 2),
                        same_answers=texts == ref_texts)
         print(json.dumps({**common, "mode": "one_at_a_time", "deltas": "4 lora + bare", **reference}), flush=True)
         print(json.dumps({**common, "mode": "batched", "deltas": "4 lora + bare", **batched}), flush=True)
-        one_mixed, mixed_ref = serve_mode(model, tokenizer, dirs, mixed, args, max_batch=1)
-        mixed_run, mixed_texts = serve_mode(model, tokenizer, dirs, mixed, args, max_batch=args.max_batch)
-        mixed_run.update(speedup=round(mixed_run["tokens_per_s"] / one_mixed["tokens_per_s"], 2),
-                         same_answers=mixed_texts == mixed_ref)
-        print(json.dumps({**common, "mode": "one_at_a_time_mixed_methods", "deltas": "2 lora + prefix + prompt "
-                          "+ bare", **one_mixed}), flush=True)
-        print(json.dumps({**common, "mode": "batched_mixed_methods", "deltas": "2 lora + prefix + prompt + bare",
-                          **mixed_run}), flush=True)
+        mixed_line = {**common, "deltas": "2 lora + prefix + prompt + bare"}
+        if refused:
+            print(json.dumps({**mixed_line, "mode": "batched_mixed_methods", "not_run": refused}), flush=True)
+        else:
+            one_mixed, mixed_ref = serve_mode(model, tokenizer, dirs, mixed, args, max_batch=1)
+            mixed_run, mixed_texts = serve_mode(model, tokenizer, dirs, mixed, args, max_batch=args.max_batch)
+            mixed_run.update(speedup=round(mixed_run["tokens_per_s"] / one_mixed["tokens_per_s"], 2),
+                             same_answers=mixed_texts == mixed_ref)
+            print(json.dumps({**mixed_line, "mode": "one_at_a_time_mixed_methods", **one_mixed}), flush=True)
+            print(json.dumps({**mixed_line, "mode": "batched_mixed_methods", **mixed_run}), flush=True)
         if not args.no_peft:
-            result = peft_mode(checkpoint, dirs, lora, args)
+            result = peft_mode(args.model, dirs, lora, args)
             result.update(batched_speedup_over_peft=round(batched["tokens_per_s"] / result["tokens_per_s"], 2))
             print(json.dumps({**common, "mode": "peft", "deltas": "4 lora + bare", **result}), flush=True)
 

@@ -29,7 +29,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a delta for every user, all in one batch",
          "serving many small deltas on one frozen model", "tokens stream as server-sent events"] * 20
 DELTAS = {"lora": delta.LoraConfig(r=4, targets=("query", "value")), "ia3": delta.IA3Config(),
-          "prefix": delta.PrefixConfig(num_virtual_tokens=3), "prompt": delta.PromptConfig(num_virtual_tokens=2)}
+          "adapter": delta.AdapterConfig(), "bitfit": delta.BitFitConfig()}
+SERVED = [None, *DELTAS]
 PROMPTS = ["the quick brown", "a delta for", "serving many small", "tokens stream", "one frozen model",
            "the lazy dog", "all in one", "every user"]
 
@@ -73,7 +74,7 @@ def serve_model(setup, model, **settings) -> Service:
     config = ServeConfig(**{"api_key": KEY, "max_batch": 4, "max_queue": 32, "max_tokens_limit": 48,
                             "delta_roots": (str(setup["root"]),), "port": 0, **settings})
     service = Service(model, setup["tokenizer"], config, "tiny", chat_template=CHATML)
-    for name in ("lora", "ia3", "prefix"):  # "prompt" is added through the API in a test
+    for name in DELTAS:
         service.registry.add(name, setup["root"] / name, trusted=True)
     return service
 
@@ -112,13 +113,13 @@ def model_name(name: str | None) -> str:
 
 def test_models_list_and_health(server, client):
     ids = [m.id for m in client.models.list().data]
-    assert ids[:4] == ["tiny", "tiny:lora", "tiny:ia3", "tiny:prefix"]
+    assert ids[:5] == ["tiny", "tiny:lora", "tiny:ia3", "tiny:adapter", "tiny:bitfit"]
     assert client.models.retrieve("tiny:lora").id == "tiny:lora"
     health = httpx.get(f"{server}/health").json()  # open without the key
     assert health["status"] == "ok" and health["max_batch"] == 4
 
 
-@pytest.mark.parametrize("name", [None, "lora", "ia3", "prefix"])
+@pytest.mark.parametrize("name", SERVED)
 def test_greedy_completion_equals_generate(setup, client, name):
     answer = client.completions.create(model=model_name(name), prompt="the quick brown", max_tokens=12,
                                        temperature=0)
@@ -129,8 +130,7 @@ def test_greedy_completion_equals_generate(setup, client, name):
 
 def test_sixteen_concurrent_requests_over_deltas(setup, client):
     """16 requests at once over 4 deltas and the bare model (batch of 4: rows join and leave mid-decode)."""
-    names = [None, "lora", "ia3", "prefix"]
-    jobs = [(PROMPTS[i % len(PROMPTS)], names[i % 4], 4 + (i * 7) % 20) for i in range(16)]
+    jobs = [(PROMPTS[i % len(PROMPTS)], SERVED[i % 5], 4 + (i * 7) % 20) for i in range(16)]
     stream_each = [i % 3 == 0 for i in range(16)]
 
     def ask(i: int) -> str:
@@ -215,8 +215,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(setup, serve
         assert error["message"] and error["type"] and (code is None or error["code"] == code)
     assert httpx.post(f"{server}/v1/completions", content=b"{}").status_code == 401  # no key at all
     assert httpx.get(f"{server}/v2/nothing", headers=auth).json()["error"]["type"] == "not_found_error"
-    answer = client.completions.create(model="tiny:prefix", prompt="the lazy dog", max_tokens=6, temperature=0)
-    assert answer.choices[0].text == expected(setup, "the lazy dog", "prefix", 6)
+    answer = client.completions.create(model="tiny:adapter", prompt="the lazy dog", max_tokens=6, temperature=0)
+    assert answer.choices[0].text == expected(setup, "the lazy dog", "adapter", 6)
 
 
 def test_add_and_remove_a_delta_while_running(setup, server, client, tmp_path):
@@ -243,15 +243,43 @@ def test_add_and_remove_a_delta_while_running(setup, server, client, tmp_path):
         client.completions.create(model="tiny:ia3-copy", prompt="x", max_tokens=2)
 
 
-def test_prompt_tuning_delta(setup, server, client):
+# A prompt-tuning row that joins a batch already decoding is refused by DecodeState.add today (its cache is
+# sized from the prompt without the soft tokens; reported to the generation work), so it is checked alone.
+@pytest.mark.parametrize("method, beside_others", [("prefix", True), ("prompt", False)])
+def test_input_side_deltas_added_while_running(setup, server, client, method, beside_others):
+    """Prefix and prompt tuning (soft tokens take cache positions) through the API equal generate too."""
+    reference = tiny_llama(len(setup["tokenizer"]))
+    reference.load_state_dict(setup["base_state"])
+    config = delta.PrefixConfig(num_virtual_tokens=3) if method == "prefix" else delta.PromptConfig(num_virtual_tokens=2)
+    delta.attach(reference, config, method)
+    with torch.no_grad():
+        for p in delta.delta_parameters(reference):
+            p.normal_(0, 0.3)
+    delta.save_delta(reference, setup["root"] / f"{method}-x", method)
+    ids = setup["tokenizer"].encode("every user")
+    out = generate(reference, torch.tensor([ids]), config=GenerationConfig(max_new_tokens=8, eos_token_id=0,
+                                                                           pad_token_id=0), deltas=[method])
     auth = {"Authorization": f"Bearer {KEY}"}
-    add = httpx.post(f"{server}/v1/deltas", json={"name": "prompt", "path": "prompt"}, headers=auth)
+    add = httpx.post(f"{server}/v1/deltas", json={"name": method, "path": f"{method}-x"}, headers=auth)
     assert add.status_code == 201, add.text
     try:
-        answer = client.completions.create(model="tiny:prompt", prompt="every user", max_tokens=8, temperature=0)
-        assert answer.choices[0].text == expected(setup, "every user", "prompt", 8)
+        want = text_of(setup, out[0, len(ids):].tolist())
+        mixed = [(method, "every user"), (None, "the quick brown"), ("lora", "a delta for"), (method, "every user")]
+
+        def ask(job: tuple[str | None, str]) -> str:
+            return client.completions.create(model=model_name(job[0]), prompt=job[1], max_tokens=8,
+                                             temperature=0).choices[0].text
+
+        if not beside_others:
+            assert ask(mixed[0]) == want
+            return
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # soft-token rows batched beside others
+            answers = list(pool.map(ask, mixed))
+        assert answers == [want, expected(setup, "the quick brown", None, 8), expected(setup, "a delta for", "lora", 8),
+                           want]
     finally:
-        httpx.delete(f"{server}/v1/deltas/prompt", headers=auth)
+        httpx.delete(f"{server}/v1/deltas/{method}", headers=auth)
 
 
 def test_one_slot_server_refuses_with_429_and_a_client_leaving_frees_the_slot(setup):

@@ -8,9 +8,10 @@ import pytest
 
 from deltaformer.errors import ConfigError
 from deltaformer.serving.errors import ApiError
-from deltaformer.serving.prompts import render_chat
+from deltaformer.serving.prompts import chat_ids
 from deltaformer.serving.schemas import ChatRequest, CompletionRequest, parse_request
 from deltaformer.serving.settings import ServeConfig
+from deltaformer.tokenizer import train_tokenizer
 
 
 def parse(kind, **body):
@@ -65,13 +66,19 @@ def test_bad_chat_bodies():
     assert "not an object" in refused(ChatRequest, b"[]").message
 
 
-def test_chat_templates_render_in_a_sandbox():
-    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{{ bos_token }}"
-    assert render_chat(template, [{"role": "user", "content": "hi"}], bos_token="<s>") == "[user] hi\n<s>"
-    with pytest.raises(ApiError, match="refused"):
-        render_chat("{{ raise_exception('no system role') }}", [])
+def test_chat_prompts_from_the_template_and_its_errors_as_400():
+    tokenizer = train_tokenizer(["hello there, user and assistant"] * 5, kind="bpe", vocab_size=280,
+                                min_frequency=1, lowercase=False)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    ids = chat_ids(tokenizer, template, [{"role": "user", "content": "hello"}])
+    assert tokenizer.decode(ids) == "[user] hello\n"
+    with pytest.raises(ApiError, match="no system role") as info:
+        chat_ids(tokenizer, "{{ raise_exception('no system role') }}", [{"role": "user", "content": "x"}])
+    assert info.value.status == 400
     with pytest.raises(ApiError):  # the sandbox refuses Python internals
-        render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+        chat_ids(tokenizer, "{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+    with pytest.raises(ApiError, match="no chat template"):
+        chat_ids(tokenizer, None, [{"role": "user", "content": "x"}])
 
 
 def test_settings_are_checked():

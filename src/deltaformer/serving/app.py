@@ -159,7 +159,9 @@ def create_app(service: Service) -> FastAPI:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and not declared.isdigit():
+        raise ApiError(400, f"Content-Length {declared!r} is not a number", code="invalid_content_length")
+    if declared is not None and int(declared) > limit:
         raise ApiError(413, f"the request body is larger than {limit} bytes: send less", code="body_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():

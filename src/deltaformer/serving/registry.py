@@ -59,7 +59,7 @@ class DeltaRegistry:
         if model_field == self.base:
             return None
         base, sep, name = model_field.partition(":")
-        if sep and base == self.base and name in self.deltas:
+        if sep and base == self.base and name in self.deltas:  # dict lookups are safe beside the decode thread
             return name
         served = ", ".join(self.names())
         raise ApiError(404, f"model {model_field!r} does not exist: this server has {served} (GET /v1/models)",
@@ -72,11 +72,11 @@ class DeltaRegistry:
         return self.base if name is None else f"{self.base}:{name}"
 
     def names(self) -> list[str]:
-        return [self.base, *(self.public_name(n) for n in self.deltas)]
+        return [self.base, *(self.public_name(n) for n in list(self.deltas))]
 
     def cards(self) -> list[dict[str, Any]]:
         return [model_card(self.base, self.created)] + [
-            model_card(self.public_name(d.name), d.created, parent=self.base) for d in self.deltas.values()]
+            model_card(self.public_name(d.name), d.created, parent=self.base) for d in list(self.deltas.values())]
 
     # --- changes (scheduler thread only) ----------------------------------------------------------------
 

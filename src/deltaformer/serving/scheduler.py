@@ -17,11 +17,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -62,7 +61,6 @@ class Sequence:
     tokens: int = 0
     cancelled: bool = False
     done: bool = False
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
@@ -80,7 +78,6 @@ class Scheduler:
         self.calls: list[tuple[Callable[[], Any], Future]] = []
         self.lock = threading.Condition()
         self.stopping = False
-        self.failure: str | None = None
         self.steps = 0
         self.generated = 0
         self.joining: list[Sequence] = []  # being prefilled: not yet in ``live``, their row ids not yet known
@@ -102,15 +99,16 @@ class Scheduler:
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue sequences (all of one request, or none of them: 429 when the queue is full)."""
         with self.lock:
-            if self.stopping or self.failure:
-                raise ApiError(503, f"the server is shutting down{': ' + self.failure if self.failure else ''}")
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down")
+            if len(sequences) > self.settings.max_batch + self.settings.max_queue:
+                raise ApiError(400, f"{len(sequences)} prompts are more than the server holds at once "
+                               f"({self.settings.max_batch + self.settings.max_queue}): send fewer", param="prompt")
             busy = len(self.waiting) + len(self.live)
             room = self.settings.max_batch + self.settings.max_queue - busy
             if len(sequences) > room:
                 raise ApiError(429, f"the server is busy ({len(self.live)} decoding, {len(self.waiting)} waiting): "
                                "retry later", code="queue_full")
-            if len(sequences) > self.settings.max_batch + self.settings.max_queue:
-                raise ApiError(400, "more prompts than the server holds at once: send fewer", param="prompt")
             for seq in sequences:
                 seq.stream = IncrementalText(self.tokenizer, seq.stops)
                 self.waiting.append(seq)
@@ -188,6 +186,10 @@ class Scheduler:
         with self.lock:
             free = self.settings.max_batch - len(self.live)
             batch = [self.waiting.popleft() for _ in range(min(free, most or free, len(self.waiting)))]
+        for seq in [s for s in batch if s.delta is not None and s.delta not in self.registry.deltas]:
+            batch.remove(seq)  # removed after the request named it: that request alone fails
+            self._finish(seq, "error", ApiError(404, f"delta {seq.delta!r} was removed: ask for another model",
+                                                param="model", code="model_not_found"))
         if not batch:
             return
         self.joining = batch

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -30,7 +29,7 @@ def load_service(model_path: str | Path, settings: ServeConfig, deltas: Sequence
     model = load_model(model_path)
     model.to(device=device, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = _chat_template(model_path, tokenizer, chat_template)
+    template = _chat_template(chat_template)
     service = Service(model, tokenizer, settings, name or _served_name(model_path), template)
     for delta_name, directory in deltas:
         service.registry.add(delta_name, directory, trusted=True)
@@ -42,24 +41,14 @@ def _served_name(model_path: str | Path) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def _chat_template(model_path: str | Path, tokenizer: Any, given: str | Path | None) -> str | None:
-    """``--chat-template FILE``, else the tokenizer's own, else ``tokenizer_config.json``'s."""
-    if given is not None:
-        path = Path(given)
-        if not path.is_file():
-            raise ConfigError(f"chat template file {path} does not exist: pass a Jinja template file")
-        return path.read_text(encoding="utf-8")
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, str) and own:
-        return own
-    config = Path(model_path) / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            value = json.loads(config.read_text()).get("chat_template")
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, str) and value else None
-    return None
+def _chat_template(given: str | Path | None) -> str | None:
+    """``--chat-template FILE`` (else None: the tokenizer's own template applies)."""
+    if given is None:
+        return None
+    path = Path(given)
+    if not path.is_file():
+        raise ConfigError(f"chat template file {path} does not exist: pass a Jinja template file")
+    return path.read_text(encoding="utf-8")
 
 
 def _config(service: Service) -> Any:

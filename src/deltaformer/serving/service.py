@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..generation import GenerationConfig
 from .errors import ApiError
 from .prompts import chat_ids, encode_prompt
@@ -55,8 +56,8 @@ class Service:
         limit = self.max_length - settings.max_tokens_limit
         self.max_prompt = min(settings.max_prompt_tokens or limit, limit)
         if self.max_prompt < 1:
-            raise ApiError(500, f"max_tokens_limit {settings.max_tokens_limit} leaves no room for a prompt in "
-                           f"{self.max_length} positions: lower --max-tokens-limit")
+            raise ConfigError(f"max_tokens_limit {settings.max_tokens_limit} leaves no room for a prompt in "
+                              f"{self.max_length} positions: lower --max-tokens-limit")
         self.eos = _eos_ids(model, tokenizer)
         self.pad = getattr(config, "pad_token_id", None)
         self.scheduler = Scheduler(model, tokenizer, self.registry, settings, self.max_length)
