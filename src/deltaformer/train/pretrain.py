@@ -128,7 +128,7 @@ def build_model(spec: PretrainSpec, vocab_size: int, pad_token_id: int) -> nn.Mo
         layers, hidden, heads = SIZES[spec.size]
         config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, intermediate_size=4 * hidden,
-                            max_position_embeddings=max(512, spec.max_length), pad_token_id=pad_token_id)
+                            max_position_embeddings=512, pad_token_id=pad_token_id)
     return cls(config)
 
 
