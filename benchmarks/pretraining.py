@@ -129,7 +129,7 @@ def results(args) -> None:
                                     max_length=args.max_length,
                                     train=TrainConfig(lr=5e-4, metric="loss", batch_size=args.batch_size,
                                                       max_steps=args.pretrain_steps, progress=False,
-                                                      eval_every=max(1, args.pretrain_steps // 10),
+                                                      eval_every=args.pretrain_steps if args.quick else max(1, args.pretrain_steps // 10),
                                                       device=args.device)))
         emit({"bench": "pretrain_small_bert", "steps": run["steps"], "train_seconds": run["train_seconds"],
               **{k: v for k, v in (run["validation"] or {}).items()}})
