@@ -11,7 +11,7 @@ text. ``results``: ``pretrain`` (MLM+NSP) for ``--pretrain-steps``, then ``finet
 Prints one JSON line per measurement.
 
     python benchmarks/pretraining.py --quick          # tiny settings: proves the script runs (~6 min on a busy 2-core CPU)
-    python benchmarks/pretraining.py                  # full: 3000 pretraining steps (about 30 min on 2 cores)
+    python benchmarks/pretraining.py                  # full: 3000 steps of 32 x 128 (hours on a 2-core CPU; not yet timed)
 """
 
 from __future__ import annotations
