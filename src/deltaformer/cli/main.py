@@ -19,6 +19,8 @@ VERBS = (
     "info",
     "tasks",
     "finetune",
+    "pretrain",
+    "tokenizer",
     "evaluate",
     "predict",
     "generate",
