@@ -26,3 +26,7 @@ class PromptError(DeltaformerError, ValueError):
 
 class DeltaError(DeltaformerError):
     """A delta cannot be attached, routed, merged, saved or loaded; the message says what to do."""
+
+
+class QuantError(DeltaformerError, ValueError):
+    """A weight or model cannot be quantized, or a quantized file cannot be read, as asked."""
