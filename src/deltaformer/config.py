@@ -390,14 +390,12 @@ class LEDConfig(ModelConfig):
 
     @classmethod
     def translate_names(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """HF's generic names (``hidden_size``, ...) in a config.json mean LED's own (``d_model``, ...)."""
+        """HF's generic names (``hidden_size``, ...) in a config.json mean LED's own (``d_model``, ...), as
+        in Hugging Face's ``attribute_map``; where a file has both, LED's own name is the one read."""
         data = dict(data)
         for ours, theirs in _LED_ALIASES.items():
             if ours in data:
-                value = data.pop(ours)
-                if data.setdefault(theirs, value) != value:
-                    raise ConfigError(f"LED config gives {ours}={value!r} and {theirs}={data[theirs]!r}, which "
-                                      f"name the same size: keep {theirs} only")
+                data.setdefault(theirs, data.pop(ours))
         return data
 
     @classmethod

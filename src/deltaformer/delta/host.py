@@ -76,25 +76,31 @@ def backbone_of(model: nn.Module) -> DeltaHost:
     return backbone
 
 
+def _own_router(module: nn.Module) -> DeltaRouter | None:
+    """``module.delta_router``: declared by every :class:`DeltaHost`, set by :func:`get_router` on any module."""
+    router = module.__dict__.get("delta_router")
+    return router if isinstance(router, DeltaRouter) else None
+
+
 def find_router(model: nn.Module) -> DeltaRouter | None:
     """The router of the deltas on ``model`` or inside it (a backbone of a task model with deltas)."""
-    host = host_or_none(model)
-    if host is not None and isinstance(host.delta_router, DeltaRouter):
-        return host.delta_router
+    own = _own_router(model)
+    if own is not None:
+        return own
     for module in model.modules():
         if isinstance(module, (StackedDelta, DeltaWrapper)):
             return module.router
-        inner = host_or_none(module)
-        if inner is not None and isinstance(inner.delta_router, DeltaRouter):
-            return inner.delta_router
+        own = _own_router(module)
+        if own is not None:
+            return own
     return None
 
 
 def get_router(model: nn.Module) -> DeltaRouter:
-    """The model's router, created on first use (kept as ``model.delta_router``)."""
-    host = as_host(model)
+    """The model's router, created on first use (kept as ``model.delta_router``). Any module may carry
+    deltas on its linears and norms; only a :class:`DeltaHost` offers HF names, heads and the prompt hook."""
     router = find_router(model) or DeltaRouter()
-    host.delta_router = router
+    model.__dict__["delta_router"] = router  # a plain attribute, never a submodule or state-dict entry
     return router
 
 
@@ -108,6 +114,5 @@ def require_router(model: nn.Module) -> DeltaRouter:
 def drop_router(model: nn.Module, router: DeltaRouter) -> None:
     """Forget ``router`` on every model inside ``model`` (after unloading all deltas)."""
     for module in model.modules():
-        host = host_or_none(module)
-        if host is not None and host.delta_router is router:
-            host.delta_router = None
+        if _own_router(module) is router:
+            del module.__dict__["delta_router"]
