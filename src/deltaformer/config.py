@@ -526,7 +526,7 @@ class LlamaConfig(ModelConfig):
     num_attention_heads: int = at_least(32, 1, help="query heads")
     num_key_value_heads: int | None = at_least(None, 1, help="key/value heads (grouped-query attention); "
                                                "null: as many as query heads")
-    head_dim: int | None = at_least(None, 1, help="width of a head; null: hidden_size / num_attention_heads")
+    head_dim: int | None = at_least(None, 1, help="width of a head; null: hidden_size / num_attention_heads")  # type: ignore[assignment]  # field over the base property; None only until __post_init__
     hidden_act: str = field(default="silu", metadata={"help": "gate activation (silu: SwiGLU)"})
     max_position_embeddings: int = at_least(2048, 1, help="context window")
     rms_norm_eps: float = field(default=1e-6, metadata={"above": 0, "help": "RMSNorm epsilon"})

@@ -13,13 +13,14 @@ continue from them; an explicit ``position_ids`` overrides that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints.names import NameMap
+from ..config import GPT2Config, LlamaConfig
 from ..errors import InputError
 from ..nn.attention import SelfAttention
 from ..nn.dropout import Dropout
@@ -94,7 +95,8 @@ class DecoderModel(PreTrainedModel):
         return self
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.tokens
+        # every subclass's ``embeddings`` holds its token table as ``tokens`` (see the class attributes above)
+        return cast(nn.Embedding, self.embeddings.tokens)
 
     def rotation(self, position_ids: Tensor, dtype: torch.dtype) -> Rotation | None:
         """The query/key rotation of these positions (RoPE), or None for models without one."""
@@ -118,8 +120,8 @@ class DecoderModel(PreTrainedModel):
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` positions (prompt + new)."""
-        weight = self.embeddings.tokens.weight
-        attn = self.layers[0].attn
+        weight = self.get_input_embeddings().weight
+        attn = cast(DecoderLayer, self.layers[0]).attn  # the stack is made of DecoderLayer blocks
         return KVCache(len(self.layers), batch, max_length, attn.n_kv_heads, attn.head_dim,
                        dtype=dtype or weight.dtype, device=device or weight.device)
 
@@ -145,8 +147,10 @@ class DecoderModel(PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            check_token_ids(input_ids, self.embeddings.tokens.num_embeddings)
-            inputs_embeds = self.embeddings.tokens(input_ids)
+            assert input_ids is not None  # exactly one of the two was passed (checked above)
+            tokens = self.get_input_embeddings()
+            check_token_ids(input_ids, tokens.num_embeddings)
+            inputs_embeds = tokens(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         past = cache.length if cache is not None else 0
         if cache is not None and cache.batch != batch:
@@ -242,10 +246,10 @@ class DecoderTaskModel(PreTrainedModel):
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` positions (prompt + new tokens)."""
         return self.backbone.new_cache(batch, max_length, dtype, device)
 
-    def _init_head(self, *modules: nn.Module) -> None:
+    def _init_head(self, *modules: nn.Linear) -> None:
         for module in modules:
             nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if getattr(module, "bias", None) is not None:
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
 
@@ -255,12 +259,13 @@ class DecoderForCausalLM(DecoderTaskModel):
     head_rules = [("lm_head", "lm_head")]
     #: The vocabulary projection: deltas' "all-linear" leaves it out (see delta.targets.match_targets).
     output_layer_path: ClassVar[str] = "lm_head"
+    config: GPT2Config | LlamaConfig
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.tokens.weight
+            self.lm_head.weight = self.backbone.get_input_embeddings().weight
         else:
             self._init_head(self.lm_head)
 

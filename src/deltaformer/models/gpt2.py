@@ -9,6 +9,7 @@ back, and the file ``transformers`` reads is what it wrote.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ _BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask
 _SPLIT = re.compile(r"^(?P<head>(.*\.)?h\.\d+\.attn\.)query\.(?P<kind>weight|bias)$")
 
 
-def from_hf_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def from_hf_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """HF GPT-2 tensors -> linear layout: Conv1D weights transposed, ``c_attn`` split in three."""
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
@@ -99,8 +100,10 @@ class GPT2Embeddings(nn.Module):
 class GPT2Layout:
     """Loading and saving through :func:`from_hf_layout` / :func:`to_hf_layout` (mixed into each class)."""
 
-    def load_hf_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> LoadReport:
-        return super().load_hf_state_dict(from_hf_layout(state), strict)  # type: ignore[misc]
+    def load_hf_state_dict(self, state: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                           strict: bool = True) -> LoadReport:
+        whole = state if isinstance(state, Mapping) else dict(state)  # c_attn is split: the layout needs all
+        return super().load_hf_state_dict(from_hf_layout(whole), strict)  # type: ignore[misc]
 
     def hf_state_dict(self) -> dict[str, Tensor]:
         return to_hf_layout(super().hf_state_dict())  # type: ignore[misc]
@@ -118,6 +121,8 @@ class GPT2Model(GPT2Layout, DecoderModel):
     config_class = GPT2Config
     hf_architecture = "GPT2Model"
     hf_backbone_prefix = "transformer."
+    config: GPT2Config
+    embeddings: GPT2Embeddings
 
     def __init__(self, config: GPT2Config) -> None:
         _check_gpt2(config)

@@ -57,6 +57,8 @@ def _llama3(inv_freq: Tensor, scaling: dict[str, Any], max_positions: int) -> Te
 class RotaryEmbedding(nn.Module):
     """Cosines and sines for given positions; :func:`apply_rotary` rotates queries and keys with them."""
 
+    inv_freq: Tensor  # a (non-persistent) buffer, registered in __init__
+
     def __init__(self, dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
                  max_position_embeddings: int = 2048) -> None:
         super().__init__()
