@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from .sessions import (
 )
 from .state import DecodeState, Event, fit_prompt
 from .text import IncrementalText
+
+if TYPE_CHECKING:
+    from ..models.led import LEDForConditionalGeneration
 
 RowsCallback = Callable[[Tensor], None]
 
@@ -54,7 +57,7 @@ def _contexts(model: nn.Module, deltas: Sequence[str | None] | None, forward_con
     @contextlib.contextmanager
     def context(rows: list[int]) -> Iterator[None]:
         if on_rows is not None and last[0] and rows != last[0]:
-            previous = {}
+            previous: dict[int, int] = {}
             for i, r in enumerate(last[0]):
                 previous.setdefault(r, i)
             on_rows(torch.tensor([previous[r] for r in rows], dtype=torch.long))
@@ -132,8 +135,9 @@ def _generate_seq2seq(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
                       global_attention_mask: Tensor | None, config: GenerationConfig, tokenizer: Any,
                       context: ForwardContext | None) -> Tensor:
     batch = input_ids.shape[0]
-    start = model.config.decoder_start_token_id
-    room = min(config.max_new_tokens, model.config.max_decoder_position_embeddings - 1)
+    led_config = cast("LEDForConditionalGeneration", model).config  # the encoder-decoder generate() detected
+    start = led_config.decoder_start_token_id
+    room = min(config.max_new_tokens, led_config.max_decoder_position_embeddings - 1)
     session = Seq2SeqSession(model, list(range(batch)), context, global_attention_mask)
     if config.num_beams > 1:
         logits = session.prefill(input_ids, attention_mask, room, repeat=config.num_beams)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,21 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..nn.kv_cache import KVCache
 
+if TYPE_CHECKING:
+    from ..models.decoder import DecoderTaskModel
+    from ..models.led import LEDDecoderLayer, LEDForConditionalGeneration
+
 ForwardContext = Callable[[list[int]], AbstractContextManager[Any]]
+
+
+def _causal(model: nn.Module) -> DecoderTaskModel:
+    """``model`` as the causal LM it is (``new_session`` checked it has ``new_cache``)."""
+    return cast("DecoderTaskModel", model)
+
+
+def _seq2seq(model: nn.Module) -> LEDForConditionalGeneration:
+    """``model`` as the encoder-decoder it is (LED; :func:`is_encoder_decoder` checked its backbone)."""
+    return cast("LEDForConditionalGeneration", model)
 
 
 def no_context(rows: list[int]) -> AbstractContextManager[Any]:
@@ -38,7 +52,7 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 def context_window(model: nn.Module) -> int | None:
     """Positions a decoder can attend over: the decoder's of an encoder-decoder, else the model's."""
     if is_encoder_decoder(model):
-        return model.config.max_decoder_position_embeddings
+        return _seq2seq(model).config.max_decoder_position_embeddings
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
@@ -92,7 +106,7 @@ class CausalSession:
             ids, mask = ids.repeat_interleave(repeat, dim=0), mask.repeat_interleave(repeat, dim=0)
             self.rows = [r for r in self.rows for _ in range(repeat)]
         batch, width = ids.shape
-        self.cache = self.model.new_cache(batch, width + room, dtype=self.dtype, device=ids.device)
+        self.cache = _causal(self.model).new_cache(batch, width + room, dtype=self.dtype, device=ids.device)
         out = self._forward(ids, mask, None)  # positions from the mask, shifted by a prefix delta if any
         self._after_prefill(out, mask)
         return out.logits[:, -1].float()
@@ -137,22 +151,23 @@ class CausalSession:
         One new cache holds both: its length is the longest real span among all rows, plus ``room``.
         """
         parts = [s for s in (self, other) if s.mask is not None and s.mask.shape[0] > 0]
-        spans = [int((s.mask.cumsum(-1) == 0).sum(-1).min()) for s in parts]  # leading all-pad columns
+        masks = [s.mask for s in parts if s.mask is not None]  # every part's, in order (filtered above)
+        spans = [int((m.cumsum(-1) == 0).sum(-1).min()) for m in masks]  # leading all-pad columns
         width = max(s.length - lead for s, lead in zip(parts, spans))
-        batch = sum(s.mask.shape[0] for s in parts)
+        batch = sum(m.shape[0] for m in masks)
         first = parts[0]
-        cache = self.model.new_cache(batch, width + room, dtype=first.cache.dtype, device=first.cache.device)
+        cache = _causal(self.model).new_cache(batch, width + room, dtype=first.cache.dtype, device=first.cache.device)
         keys = first.cache.keys.new_zeros(first.cache.keys.shape[0], batch, first.cache.keys.shape[2], width,
                                           first.cache.keys.shape[4])
         values = torch.zeros_like(keys)
-        mask = first.mask.new_zeros(batch, width)
+        mask = masks[0].new_zeros(batch, width)
         row = 0
-        for s in parts:
-            n, stored = s.mask.shape[0], s.length
+        for s, s_mask in zip(parts, masks):
+            n, stored = s_mask.shape[0], s.length
             take = min(width, stored)
             keys[:, row:row + n, :, width - take:] = s.cache.keys[:, :, :, stored - take:stored]
             values[:, row:row + n, :, width - take:] = s.cache.values[:, :, :, stored - take:stored]
-            mask[row:row + n, width - take:] = s.mask[:, stored - take:]
+            mask[row:row + n, width - take:] = s_mask[:, stored - take:]
             row += n
         for i in range(keys.shape[0]):
             cache.layer(i).update(keys[i], values[i])
@@ -178,14 +193,14 @@ class Seq2SeqSession:
         self.rows = list(rows)
         self.context = forward_context or no_context
         self.global_attention_mask = global_attention_mask
-        self.start = model.config.decoder_start_token_id
+        self.start = _seq2seq(model).config.decoder_start_token_id
         self.cache: Any = None
         self.memories: list[tuple[Tensor, Tensor]] = []
         self.memory_mask: Tensor | None = None
 
     def prefill(self, ids: Tensor, mask: Tensor | None, room: int, repeat: int = 1) -> Tensor:
         """Encode once, then (after repeating each row ``repeat`` times, for beams) feed the start token."""
-        backbone = self.model.backbone
+        backbone = _seq2seq(self.model).backbone
         with self.context(list(self.rows)):
             encoded = backbone.encode(ids, mask, self.global_attention_mask).last_hidden_state
         if repeat > 1:
@@ -199,16 +214,18 @@ class Seq2SeqSession:
         return self.step(torch.full((encoded.shape[0],), self.start, dtype=torch.long, device=ids.device))
 
     def _new_cache(self, batch: int, length: int, like: Tensor) -> Any:
-        decoder = self.model.backbone.decoder
-        attn = decoder.layers[0].self_attn
+        decoder = _seq2seq(self.model).backbone.decoder
+        attn = cast("LEDDecoderLayer", decoder.layers[0]).self_attn
         return KVCache(len(decoder.layers), batch, length, attn.n_kv_heads, attn.head_dim, like.dtype, like.device)
 
     def step(self, tokens: Tensor) -> Tensor:
         layers = [self.cache.layer(i) for i in range(len(self.memories))]
         with self.context(list(self.rows)):
-            hidden = self.model.backbone.decode(tokens[:, None], self.memories, self.memory_mask,
-                                                caches=layers).last_hidden_state
-            return self.model.logits(hidden[:, -1]).float()
+            model = _seq2seq(self.model)
+            hidden = model.backbone.decode(tokens[:, None], self.memories, self.memory_mask,
+                                           caches=layers).last_hidden_state
+            assert hidden is not None  # the decoder always returns its last hidden state
+            return model.logits(hidden[:, -1]).float()
 
     def room(self) -> int:
         return self.cache.max_length - self.cache.length
