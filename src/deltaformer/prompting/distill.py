@@ -41,7 +41,7 @@ class SoftCollator:
     pad: PadCollator
 
     def __call__(self, items: list[SoftEncoded]) -> dict[str, Tensor]:
-        batch = self.pad(items)
+        batch = self.pad(list[Encoded](items))
         if all(item.soft for item in items):
             batch["soft_labels"] = torch.tensor([item.soft for item in items], dtype=torch.float)
         return batch

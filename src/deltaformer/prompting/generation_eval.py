@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ def evaluate_by_generation(renderer: PromptRenderer, lm: nn.Module, examples: Se
             text = tokenizer.decode(row, skip_special_tokens=True)
             answers.append(text)
             predictions.append(parse_label(text, renderer.verbalizer))
-    gold = torch.tensor([labels.index(e.label) for e in examples])
+    # evaluation examples are labelled (an unlabelled one raises ValueError here, as before)
+    gold = torch.tensor([labels.index(cast(str, e.label)) for e in examples])
     parsed = [p is not None for p in predictions]
     # an unparsed answer is wrong: count it as the class after the gold one
     pred = torch.tensor([p if p is not None else (int(g) + 1) % len(labels) for p, g in zip(predictions, gold)])

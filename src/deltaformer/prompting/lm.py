@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from ..errors import PromptError
+from ..models.base import PreTrainedModel
 
 MLM_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
 CAUSAL_SUFFIXES = ("LMHeadModel", "ForCausalLM")
@@ -24,7 +25,7 @@ def lm_kind(model: nn.Module) -> str:
                       "(e.g. tiny-mlm) or a causal LM (e.g. smollm2-135m)")
 
 
-def load_lm(name: str, device: Any = None) -> tuple[nn.Module, Any, str]:
+def load_lm(name: str, device: Any = None) -> tuple[PreTrainedModel, Any, str]:
     """(model, tokenizer, kind) of a checkpoint directory or asset name."""
     from ..models.auto import load_model
     from ..tokenizer import AutoTokenizer
@@ -35,15 +36,19 @@ def load_lm(name: str, device: Any = None) -> tuple[nn.Module, Any, str]:
     return (model.to(device) if device is not None else model), tokenizer, kind
 
 
-def split_head(lm: nn.Module) -> tuple[Callable[[dict[str, Tensor]], Tensor], nn.Module] | None:
+#: The body of an LM (:func:`split_head`): model inputs (an absent attention mask may be None) -> last hidden states.
+LMBody = Callable[[Mapping[str, Tensor | None]], Tensor]
+
+
+def split_head(lm: nn.Module) -> tuple[LMBody, nn.Module] | None:
     """(body, head) of an LM whose last hidden states and vocabulary projection can be run apart: BERT's
     ``encode`` + ``mlm_head``, a decoder's ``backbone`` + ``lm_head``; None for other models. ``body(inputs)``
     gives the last hidden states (B, T', H), T' > T when a delta prepends soft tokens."""
     if hasattr(lm, "mlm_head") and hasattr(lm, "encode"):
-        return (lambda inputs: lm.encode(**inputs).last_hidden_state), lm.mlm_head
+        return (lambda inputs: cast(Callable[..., Any], lm.encode)(**inputs).last_hidden_state), cast(nn.Module, lm.mlm_head)
     if isinstance(getattr(lm, "lm_head", None), nn.Module) and isinstance(getattr(lm, "backbone", None), nn.Module):
-        def body(inputs: dict[str, Tensor]) -> Tensor:
-            return lm.backbone(inputs["input_ids"], inputs.get("attention_mask")).last_hidden_state
+        def body(inputs: Mapping[str, Tensor | None]) -> Tensor:
+            return cast(nn.Module, lm.backbone)(inputs["input_ids"], inputs.get("attention_mask")).last_hidden_state
 
-        return body, lm.lm_head
+        return body, cast(nn.Module, lm.lm_head)
     return None

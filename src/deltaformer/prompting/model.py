@@ -157,7 +157,9 @@ class PromptModel(nn.Module):
         ensemble = logp.logsumexp(0) - math.log(len(scores))
         loss = None
         if labels is not None:
-            loss = sum(F.cross_entropy(s, labels) for s in scores)
+            total = sum(F.cross_entropy(s, labels) for s in scores)
+            assert isinstance(total, Tensor)  # one score tensor per PVP, and there is at least one
+            loss = total
         return HeadOutput(loss=loss, logits=ensemble)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -26,6 +26,7 @@ from .. import delta
 from ..data.tabular import Example
 from ..data.tasks import load_task
 from ..errors import ConfigError, PromptError
+from ..models.base import PreTrainedModel
 from ..train.finetune import model_reference
 from ..train.methods import MethodSpec, delta_config
 from ..train.seeding import seed_everything
@@ -182,7 +183,7 @@ def save_prompt_weights(model: PromptModel, method: MethodSpec, out: Path) -> No
     if method.name == "full":
         if names:
             delta.unload(model.lm)
-        model.lm.save_pretrained(out / "model")
+        cast(PreTrainedModel, model.lm).save_pretrained(out / "model")  # a prompt model wraps a loaded LM
         model.pvps[0].renderer.tokenizer.save_pretrained(out / "model")
         for name in names:
             delta.load_delta(model.lm, out / "deltas" / name, name)

@@ -58,7 +58,9 @@ class PromptScorer:
     def word_scores(self, picked: Tensor | None = None, logp: Tensor | None = None) -> Tensor:
         """(N, W) word scores under the word reduction, from the logits at the words' positions or from the
         tokens' log-probabilities (N, W, L) directly."""
-        logp = self.token_log_probs(picked) if logp is None else logp
+        if logp is None:
+            assert picked is not None  # the caller gives the logits or the log-probabilities
+            logp = self.token_log_probs(picked)
         valid = torch.arange(logp.shape[-1], device=logp.device)[None, :] < self.lengths.to(logp.device)[:, None]
         if self.word_reduce == "first":
             return logp[..., 0]

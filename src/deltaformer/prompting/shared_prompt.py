@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from .. import delta
+from ..nn.kv_cache import KVCache
 from .lm import split_head
 from .scoring import PromptScorer
 
@@ -38,7 +40,9 @@ def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: 
                          routing: Callable[[list[int]], AbstractContextManager]) -> list[Tensor]:
     """Class scores (N_p, C) of every PVP p from its full-row inputs ``parts[p]`` (input_ids, attention_mask,
     positions); ``routing(counts)`` routes ``counts[p]`` consecutive rows to PVP p's deltas."""
-    head = lm.lm_head
+    head = cast(nn.Module, lm.lm_head)  # can_share_prompts checked a causal LM with a split head
+    backbone = cast(nn.Module, lm.backbone)
+    new_cache = cast(Callable[[int, int], KVCache], lm.new_cache)
     prompts, lengths, counts = [], [], []
     for scorer, part in zip(scorers, parts):
         words = scorer.tokens.shape[0]
@@ -57,9 +61,9 @@ def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: 
         mask_rows.append((col >= 0).long())
     ids, mask = torch.cat(ids_rows), torch.cat(mask_rows)
     longest = max(int(s.tokens.shape[1]) for s in scorers)
-    cache = lm.new_cache(ids.shape[0], width + longest)
+    cache = new_cache(ids.shape[0], width + longest)
     with routing(counts):
-        last = head(lm.backbone(ids, mask, None, cache).last_hidden_state[:, -1])  # (N_all, V)
+        last = head(backbone(ids, mask, None, cache).last_hidden_state[:, -1])  # (N_all, V)
     first_logp = last.float().log_softmax(-1)
     # one row per (example, word), PVP by PVP, each example's words together
     repeats = torch.cat([torch.full((n,), s.tokens.shape[0], dtype=torch.long) for s, n in zip(scorers, counts)])
@@ -73,15 +77,15 @@ def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: 
         new_mask = (torch.arange(longest - 1, device=device)[None, :] < (word_len - 1)[:, None]).long()
         full_mask = torch.cat([mask.repeat_interleave(repeats.to(device), 0), new_mask], 1)
         with routing([n * s.tokens.shape[0] for s, n in zip(scorers, counts)]):
-            rest = head(lm.backbone(inputs, full_mask, None, cache).last_hidden_state).float().log_softmax(-1)
+            rest = head(backbone(inputs, full_mask, None, cache).last_hidden_state).float().log_softmax(-1)
     out, row, start = [], 0, 0
     for scorer, n in zip(scorers, counts):
-        words, length = scorer.tokens.shape
+        words, word_tokens = scorer.tokens.shape
         tokens = scorer.tokens.to(device)
-        logp = torch.zeros(n, words, length, device=device)
+        logp = torch.zeros(n, words, word_tokens, device=device)
         logp[..., 0] = first_logp[start:start + n][:, tokens[:, 0]]
-        if length > 1:
-            block = rest[row:row + n * words].view(n, words, longest - 1, -1)[:, :, :length - 1]  # type: ignore[index]
+        if word_tokens > 1:
+            block = rest[row:row + n * words].view(n, words, longest - 1, -1)[:, :, :word_tokens - 1]  # type: ignore[index]
             logp[..., 1:] = block.gather(-1, tokens[None, :, 1:, None].expand(n, -1, -1, 1)).squeeze(-1)
         out.append(scorer.class_scores(logp=logp))
         start += n

@@ -12,12 +12,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..generation import GenerationConfig
+from ..models.base import PreTrainedModel
 from .errors import ApiError
 from .prompts import chat_ids, encode_prompt
 from .registry import DeltaRegistry
@@ -49,7 +50,7 @@ class Service:
         self.settings = settings
         self.chat_template = chat_template
         self.registry = DeltaRegistry(model, base_name, settings.delta_roots)
-        config = model.config
+        config = cast(PreTrainedModel, model).config  # the served model is a loaded checkpoint
         context = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         self.vocab_size = int(config.vocab_size)
         self.max_length = min(context, max_length or context)
@@ -86,6 +87,7 @@ class Service:
                            f"{self.settings.max_tokens_limit}: ask for fewer", param="max_tokens",
                            code="max_tokens_exceeded")
         stops = request.stop or []
+        assert not isinstance(stops, str)  # the request validator turns one stop string into a list
         if len(stops) > self.settings.max_stop_strings:
             raise ApiError(400, f"{len(stops)} stop strings: at most {self.settings.max_stop_strings}",
                            param="stop")

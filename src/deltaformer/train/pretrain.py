@@ -14,7 +14,7 @@ import dataclasses
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from ..data.nsp import PairStats, PretrainingCollator, make_pairs
 from ..data.tabular import DataError
 from ..errors import ConfigError
 from ..models.base import resolve_path
-from ..models.bert import BertForMaskedLM, BertForPreTraining
+from ..models.bert import BertForMaskedLM, BertForPreTraining, BertTaskModel
 from .distributed import DistEnv, all_reduce_sum
 from .evaluation import _loader, autocast, move
 from .finetune import _check_out
@@ -71,8 +71,9 @@ def pretrain(spec: PretrainSpec) -> dict[str, Any]:
     out = Path(spec.out)
     _check_out(out, spec.resume, spec.overwrite)
     documents = load_documents(spec.text, spec.per_file)
-    if spec.tokenizer or spec.from_model:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.from_model)
+    tokenizer_name = spec.tokenizer or spec.from_model
+    if tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     else:
         tokenizer = train_tokenizer((s for doc in documents for s in doc), "wordpiece", spec.vocab_size)
     vocab = MaskingVocab.from_tokenizer(tokenizer)
@@ -102,7 +103,7 @@ def pretrain(spec: PretrainSpec) -> dict[str, Any]:
     return results
 
 
-def build_model(spec: PretrainSpec, vocab_size: int, pad_token_id: int) -> nn.Module:
+def build_model(spec: PretrainSpec, vocab_size: int, pad_token_id: int) -> BertTaskModel:
     """A fresh model of a named size or config, or a checkpoint with any missing MLM / NSP head initialised."""
     cls = BertForPreTraining if spec.objective == "mlm+nsp" else BertForMaskedLM
     if spec.from_model is not None:
@@ -121,15 +122,16 @@ def build_model(spec: PretrainSpec, vocab_size: int, pad_token_id: int) -> nn.Mo
         config = load_config(spec.config_file)
         if type(config) is not BertConfig:
             raise ConfigError(f"{spec.config_file} describes a {config.model_type!r} model: pretrain takes BERT configs")
-        config = config.replace(vocab_size=vocab_size, pad_token_id=pad_token_id)
+        # checked a BertConfig above; replace keeps the class
+        new_config = cast(BertConfig, config.replace(vocab_size=vocab_size, pad_token_id=pad_token_id))
     else:
         if spec.size not in SIZES:
             raise ConfigError(f"unknown size {spec.size!r}: use {', '.join(SIZES)}")
         layers, hidden, heads = SIZES[spec.size]
-        config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                            num_attention_heads=heads, intermediate_size=4 * hidden,
-                            max_position_embeddings=512, pad_token_id=pad_token_id)
-    return cls(config)
+        new_config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=4 * hidden,
+                                max_position_embeddings=512, pad_token_id=pad_token_id)
+    return cls(new_config)
 
 
 @torch.no_grad()
