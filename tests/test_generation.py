@@ -229,13 +229,13 @@ def _recomputed(model, prompt, name, new, seed=None, **settings):
     return ids[len(prompt):]
 
 
-INPUT_SIDE = pytest.mark.xfail(strict=True, reason="decoder forward: prefix positions ignore left padding and "
-                                "prompt tuning's extended mask is not returned (see models/decoder.py)")
+PROMPT_IN_MIXED_BATCH = pytest.mark.xfail(strict=True, reason="prompt tuning in a left-padded mixed batch: the soft "
+                                           "tokens lengthen only their own rows' cache, which generation does not follow yet")
 
 
 @pytest.mark.parametrize("family,extra", [("gpt2", None), ("llama", None),
-                                          pytest.param("llama", "prefix", marks=INPUT_SIDE),
-                                          pytest.param("gpt2", "prompt", marks=INPUT_SIDE)])
+                                          ("llama", "prefix"),
+                                          pytest.param("gpt2", "prompt", marks=PROMPT_IN_MIXED_BATCH)])
 def test_each_prompt_its_own_delta_in_one_batch(tmp_path, family, extra):
     _, path = make_hf(tmp_path, family, initializer_range=0.5)
     model, names = _with_deltas(ours_for(family).from_pretrained(path).eval(), extra)

@@ -57,9 +57,10 @@ def run_type(path: str) -> str | None:
     if not info.is_file():
         return None
     try:
-        return json.loads(info.read_text(encoding="utf-8")).get("task_type")
+        data = json.loads(info.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    return data.get("task_type") if isinstance(data, dict) else None  # a damaged run.json is judged by its loader
 
 
 def load_for_prompting(spec: TaskEvalSpec, labels: list[str]) -> PromptModel:
