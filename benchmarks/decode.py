@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from serve import hf_checkpoint
 from timing import interleaved_medians
 
 from deltaformer import delta
@@ -90,6 +89,22 @@ def speed_rows(ours: Any, hf: Any, tokenizer: Any, args: argparse.Namespace) -> 
                  "transformers_tokens_per_s": round(args.prompt / ms["transformers"] * 1000, 1),
                  "speedup": round(ms["transformers"] / ms["ours"], 3), "target": 1.2})
     return rows
+
+
+def hf_checkpoint(asset: str) -> Path:
+    """An HF directory holding the asset's weights, so both libraries load the same ones: the asset itself when
+    it is one, else its GGUF file loaded here and written once with ``save_pretrained`` (cached)."""
+    from deltaformer.models.base import resolve_path
+    from deltaformer.tokenizer import AutoTokenizer
+
+    path = Path(resolve_path(asset))
+    if (path / "config.json").is_file():
+        return path
+    out = Path.home() / ".cache" / "deltaformer" / "bench" / f"{asset}-hf"
+    if not (out / "config.json").is_file():
+        LlamaForCausalLM.from_pretrained(asset).save_pretrained(out)
+        AutoTokenizer.from_pretrained(asset).save_pretrained(out)
+    return out
 
 
 def lora_rows(ours: Any, checkpoint: Path, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
