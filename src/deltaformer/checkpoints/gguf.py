@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from torch import Tensor
 
@@ -155,7 +154,7 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path} has tensor {name} that a {self.architecture} model does not have")
         return f"{_TOP_NAMES[stem]}.{kind}"
 
-    def hf_tensors(self, device: torch.device | str | None = None) -> Iterator[tuple[str, Tensor]]:
+    def hf_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """``(hf_name, fp32 tensor)`` pairs, one at a time, query/key rows back in HF's rotary layout."""
         config = self.hf_config()
         for name in self._tensors:
@@ -163,8 +162,7 @@ class GGUFCheckpoint:
             if hf is None:
                 continue
             raw = self.raw(name)
-            data = torch.from_numpy(np.asarray(raw.data)).to(device) if device is not None else raw.data
-            tensor = dequantize(data, raw.type, raw.shape)
+            tensor = dequantize(raw.data, raw.type, raw.shape)
             if ".attn_q." in name:
                 tensor = unpermute_rotary(tensor, config["num_attention_heads"])
             elif ".attn_k." in name:

@@ -33,7 +33,8 @@ def _nibbles(qs: Tensor, width: int) -> Tensor:
 
 
 def _bits(packed: Tensor, shifts: int, mask: int, width: int) -> Tensor:
-    """Fields of ``8 // shifts``... bits: each ``width``-byte group shifted by 0, s, 2s, ...: (n, groups, k*width)."""
+    """Every ``shifts``-bit field of the bytes, masked: each ``width``-byte group shifted right by 0, ``shifts``,
+    2 * ``shifts``, ... (low field first), giving (n, groups, (8 // shifts) * width)."""
     n = packed.shape[0]
     grouped = packed.reshape(n, -1, 1, width)
     shift = torch.arange(0, 8, shifts, dtype=torch.uint8, device=packed.device).view(1, 1, -1, 1)
@@ -76,6 +77,14 @@ def _q8_0(b: Tensor) -> Tensor:
     return b[:, 2:].contiguous().view(torch.int8).float() * d
 
 
+def _k_scale_min(b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per 32-weight sub-block of a Q4_K/Q5_K super-block: ``d * scale`` and ``dmin * min``, (n, 8, 1) each."""
+    n = b.shape[0]
+    d, dmin = _f16(b, 0, 2), _f16(b, 2, 4)
+    sc, mn = _k_scales(b[:, 4:16])
+    return (d * sc.float()).reshape(n, -1, 1), (dmin * mn.float()).reshape(n, -1, 1)
+
+
 def _k_scales(scales: Tensor) -> tuple[Tensor, Tensor]:
     """The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, from its 12 packed bytes."""
     s = scales.reshape(-1, 3, 4)
@@ -111,20 +120,14 @@ def _q3_k(b: Tensor) -> Tensor:
 
 def _q4_k(b: Tensor) -> Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b, 0, 2), _f16(b, 2, 4)
-    sc, mn = _k_scales(b[:, 4:16])
-    scale = (d * sc.float()).reshape(n, -1, 1)
-    minimum = (dmin * mn.float()).reshape(n, -1, 1)
+    scale, minimum = _k_scale_min(b)
     q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
     return (scale * q - minimum).reshape(n, QK_K)
 
 
 def _q5_k(b: Tensor) -> Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b, 0, 2), _f16(b, 2, 4)
-    sc, mn = _k_scales(b[:, 4:16])
-    scale = (d * sc.float()).reshape(n, -1, 1)
-    minimum = (dmin * mn.float()).reshape(n, -1, 1)
+    scale, minimum = _k_scale_min(b)
     low = _nibbles(b[:, 48:], 32).reshape(n, -1, 32)
     high = _bits(b[:, 16:48], 1, 1, 32).reshape(n, -1, 32)
     q = (low | (high << 4)).float()
@@ -181,8 +184,8 @@ def dequantize(raw: Tensor | np.ndarray | bytes, kind: GGMLQuantizationType | in
                shape: tuple[int, ...]) -> Tensor:
     """The float32 tensor of logical ``shape`` (rows, columns in torch order) stored as ``raw`` bytes of ``kind``.
 
-    ``raw`` may be a uint8 tensor (on any device), a numpy array (a view of a memory-mapped file is fine: it is
-    copied once, block by block nothing else is kept) or ``bytes``.
+    ``raw`` may be a uint8 tensor (on any device; unpacking runs there), a numpy array (a read-only view of a
+    memory-mapped file is copied once, as torch needs writable memory) or ``bytes``.
     """
     qtype = as_type(kind)
     if qtype not in SUPPORTED_TYPES:
