@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltaformer.errors import QuantError
-from deltaformer.quant import layers, schemes
+from deltaformer.quant import base, layers, schemes
 from deltaformer.quant.layers import QuantLinear, quantize
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -58,7 +58,7 @@ def test_zero_point_matches_torch_per_channel():
 
 @pytest.mark.parametrize("scheme", layers.SCHEMES)
 def test_quant_linear_matches_dequantized_product_and_gradient(scheme, monkeypatch):
-    monkeypatch.setattr(layers, "ROWS_PER_BLOCK", 64)  # several blocks, a short last one
+    monkeypatch.setattr(base, "ROWS_PER_BLOCK", 64)  # several blocks, a short last one
     lin = torch.nn.Linear(128, 150)
     q = QuantLinear(lin, scheme)
     x = torch.randn(3, 5, 128, requires_grad=True)

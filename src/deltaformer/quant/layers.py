@@ -1,4 +1,4 @@
-"""Frozen quantized Linear layers whose product dequantizes a block of output rows at a time.
+"""Frozen quantized Linear layers (:class:`quant.base.QuantizedLinear`): products dequantize a block of rows at a time.
 
 The fp32 weight is never held whole: forward and the input gradient (which QLoRA and every other delta on a
 quantized base need) loop over row blocks of :data:`ROWS_PER_BLOCK`, dequantize one, multiply, and drop it, so
@@ -8,63 +8,21 @@ and are saved in ``state_dict``); the weight gets no gradient, by design (the ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import QuantError
-from . import schemes
+from . import base, schemes
+from .base import ROWS_PER_BLOCK, QuantizedLinear, RowFn, fused_product
 
-#: Output rows dequantized per step of a product (a 4096-wide layer: 256 x 4096 fp32 = 4 MiB at a time).
-ROWS_PER_BLOCK = 256
+__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantLinear", "quantize"]
+
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
 SCHEMES = ("int8", "zeropoint", "llm_int8", "nf4")
 
 
-class _BlockwiseProduct(torch.autograd.Function):
-    """``x W^T`` where ``rows(a, b)`` yields W[a:b] in fp32; backward re-dequantizes instead of saving W."""
-
-    @staticmethod
-    def forward(x: Tensor, rows: Callable[[int, int], Tensor], out_features: int) -> Tensor:
-        parts = [F.linear(x, rows(a, min(a + ROWS_PER_BLOCK, out_features)).to(x.dtype))
-                 for a in range(0, out_features, ROWS_PER_BLOCK)]
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.rows, ctx.out_features = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad_x = None
-        for a in range(0, ctx.out_features, ROWS_PER_BLOCK):
-            b = min(a + ROWS_PER_BLOCK, ctx.out_features)
-            part = grad[..., a:b] @ ctx.rows(a, b).to(grad.dtype)
-            grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None
-
-
-class _Int8Product(_BlockwiseProduct):
-    """LLM.int8's forward (``forward_fn``); its input gradient is the product with the dequantized rows."""
-
-    @staticmethod
-    def forward(x: Tensor, rows: Callable[[int, int], Tensor], out_features: int,  # type: ignore[override]  # extra argument: the int8 forward
-                forward_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        return forward_fn(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.rows, ctx.out_features = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return (*_BlockwiseProduct.backward(ctx, grad), None)
-
-
-class QuantLinear(nn.Module):
+class QuantLinear(QuantizedLinear):
     """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked."""
 
     weight_q: Tensor
@@ -109,7 +67,7 @@ class QuantLinear(nn.Module):
         return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax_codes=codes, absmax_scale=self.scale,
                                  offset=self.offset, group=self.group)
 
-    def rows_fn(self) -> Callable[[int, int], Tensor]:
+    def row_source(self) -> RowFn:
         """A function giving fp32 weight rows ``a:b`` (block scales decoded once per call, not per block)."""
         if self.scheme == "nf4":
             nf = self._nf4()
@@ -119,23 +77,18 @@ class QuantLinear(nn.Module):
             return lambda a, b: schemes.int8_zero_point_rows(self.weight_q[a:b], self.scale[a:b], self.zero[a:b])
         return lambda a, b: schemes.int8_absmax_rows(self.weight_q[a:b], self.scale[a:b])
 
-    def dequantize(self) -> Tensor:
-        """The whole fp32 weight (for merging and inspection; the forward never calls this)."""
-        return self.rows_fn()(0, self.out_features)
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.row_source()(start, stop)
 
-    @property
-    def weight(self) -> Tensor:
-        """The fp32 weight, materialised on demand (delta code that reads ``.weight`` still works)."""
-        return self.dequantize()
+    def rows_fn(self) -> RowFn:
+        """Alias of :meth:`row_source` (the name code written before :mod:`quant.base` uses)."""
+        return self.row_source()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise QuantError(f"input has {x.shape[-1]} features, the quantized layer expects {self.in_features}")
+        self.check_input(x)
         if self.scheme == "llm_int8":
-            y = _Int8Product.apply(x, self.rows_fn(), self.out_features, self._llm_int8)
-        else:
-            y = _BlockwiseProduct.apply(x, self.rows_fn(), self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return self.add_bias(fused_product(x, self._llm_int8, self.row_source(), self.out_features))
+        return super().forward(x)
 
     def _llm_int8(self, x: Tensor) -> Tensor:
         """LLM.int8: outlier input features in fp32 with their weight columns, the rest int8 x int8 -> int32.
@@ -153,16 +106,13 @@ class QuantLinear(nn.Module):
         xq = torch.round(inliers * (127.0 / row_max).unsqueeze(1)).clamp(-127, 127)
         # int32 accumulation: exact integers up to 2^24 in fp32 need chunking only beyond 1040 features of 127^2;
         # the product runs on int32 tensors on CPU (torch has no int8 GEMM there), exact by construction.
-        acc = torch.cat([xq.to(torch.int32) @ self.weight_q[a:a + ROWS_PER_BLOCK].to(torch.int32).t()
-                         for a in range(0, self.out_features, ROWS_PER_BLOCK)], dim=1)
+        acc = torch.cat([xq.to(torch.int32) @ self.weight_q[a:a + base.ROWS_PER_BLOCK].to(torch.int32).t()
+                         for a in range(0, self.out_features, base.ROWS_PER_BLOCK)], dim=1)
         y = acc.float() * (row_max.unsqueeze(1) * self.scale.unsqueeze(0) / (127.0 * 127.0))
         if outliers.numel():
             cols = schemes.int8_absmax_rows(self.weight_q[:, outliers], self.scale)
             y = y + flat[:, outliers] @ cols.t()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
 
 def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), blocksize: int = 64,
