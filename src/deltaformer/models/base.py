@@ -188,6 +188,10 @@ class PreTrainedModel(nn.Module):
         ``log_report=False`` leaves reporting missing weights to a caller that loads them next (``load_report``).
         """
         path = resolve_path(name_or_path)
+        from ..quant.files import is_quantized, load_quantized
+
+        if is_quantized(path):  # a `deltaformer quantize` directory: its layers stay packed
+            return load_quantized(cls, path, log_report=log_report, **config_changes)
         gguf = find_gguf(path)
         checkpoint = open_gguf(gguf) if gguf is not None else None
         config = read_config(path)

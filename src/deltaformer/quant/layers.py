@@ -9,6 +9,7 @@ and are saved in ``state_dict``); the weight gets no gradient, by design (the ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +94,46 @@ class QuantLinear(QuantizedLinear):
                 self.register_buffer("scale", nf.absmax_scale)
                 self.register_buffer("scale_codes", nf.absmax_codes)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's buffers (shapes, dtypes) around loaded tensors: see :meth:`from_spec`."""
+        out: dict[str, Any] = {"scheme": self.scheme, "in_features": self.in_features,
+                               "out_features": self.out_features, "bias": self.bias is not None}
+        if self.scheme in ("int8", "zeropoint", "llm_int8", "w8a8"):
+            out.update(granularity=self.granularity, group_size=self.group_size)
+            if self.scheme == "llm_int8":
+                out["threshold"] = self.threshold
+        else:
+            out.update(blocksize=self.blocksize, pad=self.cols != self.in_features)
+            if self.scheme in FOUR_BIT:
+                out.update(double_quant=hasattr(self, "scale_codes"), offset=self.offset, group=self.group)
+        return out
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], linear: nn.Linear) -> QuantLinear:
+        """A layer shaped as ``spec`` describes (its buffers are to be overwritten by loaded tensors).
+
+        ``linear`` gives the shape; its values only fill the buffers until the load replaces them.
+        """
+        try:
+            scheme = str(spec["scheme"])
+            if (int(spec["in_features"]), int(spec["out_features"])) != (linear.in_features, linear.out_features):
+                raise QuantError(f"the metadata says {spec['in_features']} -> {spec['out_features']} features, "
+                                 f"the model's layer is {linear.in_features} -> {linear.out_features}")
+            if bool(spec["bias"]) != (linear.bias is not None):
+                raise QuantError("the metadata and the model disagree on whether the layer has a bias")
+            layer = cls(linear, scheme, blocksize=int(spec.get("blocksize", 64)),
+                        double_quant=bool(spec.get("double_quant", True)),
+                        threshold=float(spec.get("threshold", OUTLIER_THRESHOLD)),
+                        granularity=str(spec.get("granularity", "channel")),
+                        group_size=int(spec.get("group_size", 128)), pad=bool(spec.get("pad", True)))
+        except QuantError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise QuantError(f"layer metadata {spec} is incomplete or malformed ({err})") from None
+        if scheme in FOUR_BIT:
+            layer.offset = float(spec.get("offset", 0.0))
+        return layer
 
     def _per_row(self, t: Tensor, a: int, b: int) -> Tensor:
         """Rows ``a:b`` of a scale / zero tensor (a per-tensor one applies to every row)."""
