@@ -278,3 +278,126 @@ def test_smollm2_logits_equal_transformers_gguf_loader(smollm_file):
         mine = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["attention_mask"].bool()
     assert (theirs[keep] - mine[keep]).abs().max().item() < 1e-4
+
+
+# --- packed GGUF layers ---------------------------------------------------------------------------------------
+
+PACKED = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.mark.parametrize("kind", PACKED + ["Q5_1", "F16"])
+def test_gguf_linear_rows_equal_gguf_bit_for_bit_and_forward_equals_dense(kind):
+    from deltaformer.quant.gguf_linear import GGUFLinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(512, 300)  # 300 rows: two blocks of rows, the last one short
+    layer = GGUFLinear.from_linear(dense, kind)
+    expected = quants.dequantize(layer.packed.numpy(), GGMLQuantizationType[kind]).reshape(300, 512)
+    weight = layer.dequantize()
+    assert torch.equal(weight.view(torch.int32), torch.from_numpy(np.ascontiguousarray(expected)).view(torch.int32))
+    assert torch.equal(layer.rows(7, 290), weight[7:290]) and torch.equal(layer.weight, weight)
+    assert layer.scheme == kind.lower() and not any(p.requires_grad for p in layer.parameters())
+    x = torch.randn(3, 5, 512, requires_grad=True)
+    y = layer(x)
+    reference = torch.nn.functional.linear(x, weight, dense.bias.detach())
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=0)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (want,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gguf_embedding_and_bad_packed_shapes():
+    from deltaformer.errors import QuantError
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear, pack_rows
+
+    table = torch.randn(40, 64)
+    packed = pack_rows(table, "Q8_0")
+    embedding = GGUFEmbedding(packed, "Q8_0", 64)
+    ids = torch.tensor([[3, 0, 39], [3, 3, 7]])
+    assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, embedding.dequantize()))
+    head = GGUFLinear.tied(embedding)
+    assert head.packed_rows is embedding.packed and "packed" not in head.state_dict()
+    with pytest.raises(QuantError, match="do not fill whole Q4_1 blocks"):
+        GGUFLinear(torch.zeros(4, 20, dtype=torch.uint8), "Q4_1", 48)
+    with pytest.raises(QuantError, match=r"must be a \(rows, 40\) uint8"):
+        GGUFLinear(torch.zeros(4, 20, dtype=torch.uint8), "Q4_1", 64)
+    with pytest.raises(QuantError, match="F32 cannot be kept packed"):
+        GGUFLinear(torch.zeros(4, 256, dtype=torch.uint8), "F32", 64)
+
+
+@pytest.mark.parametrize("tensor_type, tied", [("Q4_1", False), ("Q8_0", True), ("F16", False)])
+def test_keep_packed_load_equals_fp32_load(tmp_path, tensor_type, tied):
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    model = _tiny_llama(tie_word_embeddings=tied)
+    path = save_gguf(model, tmp_path / "tiny.gguf", tensor_type)
+    dense = LlamaForCausalLM.from_pretrained(path)
+    packed = LlamaForCausalLM.from_pretrained(path, keep_packed=True)
+    layers = dict(dense.named_modules())
+    kinds = [type(m) for m in packed.modules()]
+    assert kinds.count(GGUFLinear) == 2 * 7 + 1 and kinds.count(GGUFEmbedding) == 1
+    for name, module in packed.named_modules():
+        if isinstance(module, GGUFLinear | GGUFEmbedding):
+            assert torch.equal(module.dequantize(), layers[name].weight), name
+    assert isinstance(packed.lm_head, GGUFLinear) and (packed.lm_head.packed_rows is
+                                                       packed.backbone.embeddings.tokens.packed) == tied
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(CheckpointError, match="keep_packed=True needs a GGUF file"):
+        LlamaForCausalLM.from_pretrained(dense.save_pretrained(tmp_path / "hf"), keep_packed=True)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_smollm2_packed_load_equals_fp32_load(smollm_file):
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    dense = LlamaForCausalLM.from_pretrained("smollm2-135m")
+    packed = LlamaForCausalLM.from_pretrained("smollm2-135m", keep_packed=True)
+    layers = dict(dense.named_modules())
+    checked = 0
+    for name, module in packed.named_modules():
+        if isinstance(module, GGUFLinear | GGUFEmbedding):
+            assert torch.equal(module.dequantize().view(torch.int32), layers[name].weight.view(torch.int32)), name
+            checked += 1
+    assert checked == 30 * 7 + 2
+    tok = AutoTokenizer.from_pretrained("smollm2-135m")
+    batch = tok(["The capital of France is", "a gripping, funny and moving film about two brothers"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = packed(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reference = dense(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    assert (ours[keep] - reference[keep]).abs().max().item() < 1e-4
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from deltaformer.models import LlamaForCausalLM
+before = int(open("/proc/self/statm").read().split()[1]) * 4096
+model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_packed=sys.argv[2] == "packed")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"load_peak": peak - before, "fp32": 4 * model.num_parameters()}))
+"""
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "packed"])
+def test_smollm2_load_peak_memory(smollm_file, mode):
+    """Peak RSS of a load (fresh process, above what it held before): fp32 at most the fp32 model plus its largest
+    tensor; packed at most 1.3x the file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(smollm_file), mode], capture_output=True,
+                         text=True, env=env, check=True, timeout=600).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    largest = max(4 * int(np.prod(t.shape)) for t in GGUFCheckpoint(smollm_file).tensor_infos().values())
+    limit = result["fp32"] + largest if mode == "fp32" else 1.3 * smollm_file.stat().st_size
+    assert result["load_peak"] <= limit, (result, limit)

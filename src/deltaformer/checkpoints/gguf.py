@@ -32,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..nn.linear import Linear
 from ..quant.gguf_blocks import SUPPORTED_TYPES, as_type, dequantize
 
 #: Architectures whose tensors and metadata this module maps, with the HF model class they become.
@@ -364,7 +365,7 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
     ours: dict[str, Tensor] = model.state_dict(keep_vars=True)
     translated: set[str] = set()
     unexpected: list[str] = []
-    packed_weights: dict[int, tuple[Tensor, GGMLQuantizationType]] = {}  # id(original weight) -> its bytes, type
+    packed_layers: dict[int, nn.Module] = {}  # id(original weight) -> the packed layer now holding it
     for name, info in checkpoint.tensor_infos().items():
         hf = checkpoint.hf_name(name)
         if hf is None:
@@ -386,16 +387,16 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
                   and isinstance(module, nn.Linear | nn.Embedding) else None)
         if packed is not None:
             layer = _packed_layer(module, packed, info.type)
-            packed_weights[id(target)] = (packed, info.type)
+            packed_layers[id(target)] = layer
             _replace(model, path, layer)
         else:
             with torch.no_grad():
                 checkpoint.dequantized(name, out=target.data)
         translated.add(mine)
-    for path, module in list(model.named_modules()):  # heads tied to a weight that is now packed share its bytes
-        weight = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
-        if weight is not None and id(weight) in packed_weights:
-            _replace(model, path, _packed_layer(module, *packed_weights[id(weight)]))
+    for path, module in list(model.named_modules()):  # a head tied to a weight now packed reads its bytes
+        weight = module.weight if type(module) in (nn.Linear, Linear) else None
+        if weight is not None and id(weight) in packed_layers:
+            _replace(model, path, _tied_layer(module, packed_layers[id(weight)]))
     missing = [k for k in ours if k not in translated and not model._derived(k)]
     fatal = [k for k in missing if not k.startswith(model.head_prefixes)]
     if fatal:
@@ -409,13 +410,23 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
     return LoadReport(missing=missing, unexpected=unexpected)
 
 
-def _packed_layer(module: nn.Module, packed: Tensor, qtype: GGMLQuantizationType) -> Any:
+def _packed_layer(module: nn.Module, packed: Tensor, qtype: GGMLQuantizationType) -> nn.Module:
     from ..quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
     if isinstance(module, nn.Embedding):
         return GGUFEmbedding(packed, qtype, module.embedding_dim, module.padding_idx)
     assert isinstance(module, nn.Linear)
     return GGUFLinear(packed, qtype, module.in_features, module.bias)
+
+
+def _tied_layer(module: nn.Module, source: nn.Module) -> nn.Module:
+    from ..quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    assert isinstance(module, nn.Linear) and isinstance(source, GGUFEmbedding | GGUFLinear)
+    if module.bias is not None or not isinstance(source, GGUFEmbedding):
+        raise CheckpointError(f"{type(module).__name__} tied to a packed {type(source).__name__}: only a bias-free "
+                              "head tied to the token embedding can share packed bytes; load with keep_packed=False")
+    return GGUFLinear.tied(source)
 
 
 def _replace(model: nn.Module, path: str, layer: nn.Module) -> None:
