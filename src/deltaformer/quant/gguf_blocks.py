@@ -19,8 +19,11 @@ from torch import Tensor
 from ..errors import CheckpointError
 
 QK_K = 256  # weights per K-quant super-block
-#: Weights unpacked per step of :func:`dequantize` (4 MiB of fp32 output at a time).
-CHUNK_WEIGHTS = 1 << 20
+#: Weights unpacked per step of :func:`dequantize` on CPU: 128 KiB of fp32 output, at torch's intra-op grain
+#: size, so each step's small ops run on one thread (on 2 busy cores, 1M-weight steps that each woke the
+#: thread pool took 10-20x the CPU time). Other devices unpack :data:`DEVICE_CHUNK_WEIGHTS` at a time.
+CHUNK_WEIGHTS = 1 << 15
+DEVICE_CHUNK_WEIGHTS = 1 << 24
 
 
 def _f16(blocks: Tensor, start: int, stop: int) -> Tensor:
@@ -188,7 +191,7 @@ def dequantize(raw: Tensor | np.ndarray | bytes, kind: GGMLQuantizationType | in
 
     ``raw`` may be a uint8 tensor (on any device; unpacking runs there), a numpy array (a read-only view of a
     memory-mapped file is copied once, as torch needs writable memory) or ``bytes``. Blocks are unpacked
-    :data:`CHUNK_WEIGHTS` weights at a time, so the temporaries stay small beside the result; ``out`` (a
+    :data:`CHUNK_WEIGHTS` weights at a time (on CPU), so the temporaries stay small beside the result; ``out`` (a
     contiguous float32 tensor of ``shape``) receives the result instead of a new tensor.
     """
     qtype = as_type(kind)
@@ -209,7 +212,7 @@ def dequantize(raw: Tensor | np.ndarray | bytes, kind: GGMLQuantizationType | in
                               f"shape {tuple(out.shape)}")
     flat = out.view(-1, block)
     blocks = data.reshape(-1, size)
-    step = max(1, CHUNK_WEIGHTS // block)
+    step = max(1, (CHUNK_WEIGHTS if data.device.type == "cpu" else DEVICE_CHUNK_WEIGHTS) // block)
     for a in range(0, blocks.shape[0], step):
         flat[a:a + step] = _unpack(qtype, blocks[a:a + step]).reshape(-1, block)
     return out
