@@ -19,37 +19,48 @@ __all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantLinear", "qua
 
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
-SCHEMES = ("int8", "zeropoint", "llm_int8", "nf4")
+SCHEMES = ("int8", "zeropoint", "llm_int8", "nf4", "fp4")
+FOUR_BIT = ("nf4", "fp4")
 
 
 class QuantLinear(QuantizedLinear):
-    """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked."""
+    """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked.
+
+    int8 / zeropoint take a ``granularity`` ("tensor", "channel" or "group" of ``group_size`` inputs);
+    llm_int8 is per channel (its int8 product rescales by row). nf4 / fp4 use blocks of ``blocksize`` with
+    optional double quantization; a row width that is not a multiple of ``blocksize`` is zero-padded to whole
+    blocks when ``pad`` (the default here) and refused otherwise.
+    """
 
     weight_q: Tensor
     scale: Tensor
     zero: Tensor
 
     def __init__(self, linear: nn.Linear, scheme: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                 threshold: float = OUTLIER_THRESHOLD) -> None:
+                 threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel", group_size: int = 128,
+                 pad: bool = True) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if scheme == "llm_int8" and granularity != "channel":
+            raise QuantError("llm_int8 quantizes per output channel only: drop the granularity argument")
         weight = linear.weight.detach()
         self.scheme, self.threshold = scheme, threshold
+        self.granularity = granularity if scheme in ("int8", "zeropoint", "llm_int8") else "block"
+        self.group_size = group_size
         self.out_features, self.in_features = weight.shape
-        self.nf4: schemes.NF4Weight | None = None
         if scheme in ("int8", "llm_int8"):
-            q, absmax = schemes.int8_absmax(weight)
+            q, absmax = schemes.int8_absmax(weight, granularity, group_size)
             self.register_buffer("weight_q", q)
             self.register_buffer("scale", absmax)
         elif scheme == "zeropoint":
-            q, scale, zero = schemes.int8_zero_point(weight)
+            q, scale, zero = schemes.int8_zero_point(weight, granularity, group_size)
             self.register_buffer("weight_q", q)
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)
         else:
-            nf = schemes.nf4(weight, blocksize=blocksize, double_quant=double_quant)
-            self.blocksize, self.offset, self.group = nf.blocksize, nf.offset, nf.group
+            nf = schemes.four_bit(weight, scheme, blocksize=blocksize, double_quant=double_quant, pad=pad)
+            self.blocksize, self.offset, self.group, self.cols = nf.blocksize, nf.offset, nf.group, nf.cols
             self.register_buffer("weight_q", nf.packed)
             if nf.absmax is not None:
                 self.register_buffer("scale", nf.absmax)
@@ -59,23 +70,29 @@ class QuantLinear(QuantizedLinear):
                 self.register_buffer("scale_codes", nf.absmax_codes)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def _per_row(self, t: Tensor, a: int, b: int) -> Tensor:
+        """Rows ``a:b`` of a scale / zero tensor (a per-tensor one applies to every row)."""
+        return t if self.granularity == "tensor" else t[a:b]
+
     def _nf4(self) -> schemes.NF4Weight:
         codes = getattr(self, "scale_codes", None)
         shape = (self.out_features, self.in_features)
         if codes is None:
-            return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax=self.scale)
+            return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax=self.scale, kind=self.scheme,
+                                     cols=self.cols)
         return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax_codes=codes, absmax_scale=self.scale,
-                                 offset=self.offset, group=self.group)
+                                 offset=self.offset, group=self.group, kind=self.scheme, cols=self.cols)
 
     def row_source(self) -> RowFn:
         """A function giving fp32 weight rows ``a:b`` (block scales decoded once per call, not per block)."""
-        if self.scheme == "nf4":
+        if self.scheme in FOUR_BIT:
             nf = self._nf4()
             scales = nf.scales()
             return lambda a, b: nf.rows(a, b, scales)
         if self.scheme == "zeropoint":
-            return lambda a, b: schemes.int8_zero_point_rows(self.weight_q[a:b], self.scale[a:b], self.zero[a:b])
-        return lambda a, b: schemes.int8_absmax_rows(self.weight_q[a:b], self.scale[a:b])
+            return lambda a, b: schemes.int8_zero_point_rows(self.weight_q[a:b], self._per_row(self.scale, a, b),
+                                                             self._per_row(self.zero, a, b))
+        return lambda a, b: schemes.int8_absmax_rows(self.weight_q[a:b], self._per_row(self.scale, a, b))
 
     def rows(self, start: int, stop: int) -> Tensor:
         return self.row_source()(start, stop)
@@ -116,22 +133,30 @@ class QuantLinear(QuantizedLinear):
 
 
 def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), blocksize: int = 64,
-             double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD) -> nn.Module:
+             double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel",
+             group_size: int = 128, pad: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a frozen :class:`QuantLinear`.
 
     ``skip`` names module paths (or their last part, e.g. "classifier", "lm_head") that stay fp32: heads are
-    small and sensitive. NF4 layers whose width is not a multiple of ``blocksize`` stay fp32 too.
+    small and sensitive. 4-bit layers whose width is not a multiple of ``blocksize`` are zero-padded to whole
+    blocks (``pad=False`` refuses them instead). A layer that cannot be quantized as asked raises
+    :class:`QuantError` naming it, before any layer of the model is replaced.
     Returns the model; its remaining parameters are left as they were.
     """
     if scheme not in SCHEMES:
         raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is not QuantLinear and isinstance(m, nn.Linear)
+               if isinstance(m, nn.Linear)
                and not any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)]
+    replaced: list[tuple[str, QuantLinear]] = []
     for name, module in targets:
-        if scheme == "nf4" and module.in_features % blocksize:
-            continue
+        try:
+            replaced.append((name, QuantLinear(module, scheme, blocksize, double_quant, threshold, granularity,
+                                               group_size, pad)))
+        except QuantError as err:
+            raise QuantError(f"layer {name}: {err}") from None
+    for name, layer in replaced:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(module, scheme, blocksize, double_quant, threshold))
+        setattr(parent, child, layer)
     return model
