@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ..data.tabular import Fields
-from ..data.tasks import TASKS
+from ..data.tasks import SEQ2SEQ_TASKS, TASKS
 from ..train.finetune import FinetuneSpec, finetune
 from ..train.methods import (
     DEFAULT_LR,
@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_training_args(p)
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     add_prompt_training_args(p)
+    from .seq2seq import add_seq2seq_args
+
+    add_seq2seq_args(p)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -56,7 +59,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (a built-in task, or your own files)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", choices=sorted(TASKS), help="built-in task with fixed 80/10/10 splits")
+    src.add_argument("--task", choices=sorted([*TASKS, *SEQ2SEQ_TASKS]),
+                     help="built-in task with fixed 80/10/10 splits (bbc-headlines: sequence-to-sequence)")
     src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl; plain .txt with --objective clm)")
     src.add_argument("--instructions", metavar="FILE|builtin[:-TASK]",
                      help="instruction tuning: a JSONL file (instruction/input/output or chat messages per line), or "
@@ -205,6 +209,10 @@ def print_summary(results: dict, out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train.distributed import init_distributed
 
+    if args.task in SEQ2SEQ_TASKS:
+        from .seq2seq import run_finetune
+
+        return run_finetune(args)
     if args.instructions or args.few_shot or args.template:
         from .prompt_finetune import run_prompt_finetune
 
