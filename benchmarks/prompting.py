@@ -180,13 +180,15 @@ def instructions(model: str, task: str, args, out: Path) -> dict[str, Any]:
     from deltaformer.prompting.sft import InstructionSpec, train_instructions
 
     spec = InstructionSpec(model, out, HELD_OUT[task], MethodSpec("lora"),
-                           TrainConfig(epochs=1, batch_size=4, lr=2e-4, progress=False, max_steps=args.instruction_steps),
-                           max_length=384, per_task=args.per_task, overwrite=True)
+                           TrainConfig(epochs=1, batch_size=4, lr=args.instruction_lr, progress=False,
+                                       max_steps=args.instruction_steps),
+                           max_length=args.instruction_length, per_task=args.per_task, overwrite=True)
     trained = train_instructions(spec)
     before = zero_shot(model, task, True, args)
     after = zero_shot(str(out), task, True, args)
     return {"mixture": HELD_OUT[task], "before": before, "after": after, "steps": trained["steps"],
-            "first_loss": trained["first_loss"], "final_loss": trained["final_loss"]}
+            "first_loss": trained["first_loss"], "final_loss": trained["final_loss"], "lr": args.instruction_lr,
+            "per_task": args.per_task, "sequence_length": args.instruction_length}
 
 
 def routing_speed(model_name: str, args) -> dict[str, Any]:
@@ -258,6 +260,8 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=None, help="demonstrations from the first N training examples")
     p.add_argument("--per-task", type=int, default=None, help="instruction examples per task of the mixture")
     p.add_argument("--instruction-steps", type=int, default=None)
+    p.add_argument("--instruction-lr", type=float, default=2e-4)
+    p.add_argument("--instruction-length", type=int, default=384, help="token limit of packed instruction sequences")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     read_gguf_once()

@@ -87,6 +87,13 @@ class PromptRenderer:
             self.frame = (self.frame[0], [])  # nothing may come between the prompt and its answer
         self.word_ids = [self._word_ids(c, w) for c, w in verbalizer.flat()]
         self.word_class = [c for c, _ in verbalizer.flat()]
+        owner: dict[tuple[int, ...], tuple[int, str]] = {}
+        for (cls, word), ids in zip(verbalizer.flat(), self.word_ids):
+            first = owner.setdefault(tuple(ids), (cls, word))
+            if first[0] != cls:
+                raise PromptError(f"label words {first[1]!r} of class {verbalizer.labels[first[0]]!r} and {word!r} of "
+                                  f"class {verbalizer.labels[cls]!r} are the same tokens: a word cannot tell its "
+                                  "classes apart; give each class its own words")
         self.answer_rows: list[tuple[int, ...]] = []  # causal: what follows the prompt in each row
         if kind == "mlm":
             self.lengths = sorted({len(ids) for ids in self.word_ids})
