@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..nn.linear import Linear
 from ..quant.gguf_blocks import SUPPORTED_TYPES, as_type, dequantize
+from .report import LoadReport
 
 #: Architectures whose tensors and metadata this module maps, with the HF model class they become.
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -359,7 +360,6 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
     shares its bytes. ``pending_init`` (from :func:`deferred_init`) initialises the weights the file lacks.
     """
     from ..checkpoints.names import normalize_legacy
-    from ..models.base import LoadReport
 
     name_map = model.name_map()
     ours: dict[str, Tensor] = model.state_dict(keep_vars=True)

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task in SEQ2SEQ_TASKS:
         from .seq2seq import run_finetune
 
-        return run_finetune(args)
+        return run_finetune(args, train_config_from_args(args))
     if args.instructions or args.few_shot or args.template:
         from .prompt_finetune import run_prompt_finetune
 

@@ -156,12 +156,12 @@ def _dtype_name(name: str) -> str:
     return _SAFETENSORS_DTYPES.get(name, name.lower())
 
 
-def load_quantized(cls: Any, path: str | Path, log_report: bool = True, **config_changes: Any) -> Any:
-    """``cls.from_pretrained`` for a quantized directory: the model built from its config, loaded packed."""
-    from ..models.base import read_config
+def load_quantized(cls: Any, path: str | Path, config: Any, **config_changes: Any) -> Any:
+    """``cls.from_pretrained`` for a quantized directory: the model built from ``config``, loaded packed.
 
+    The caller (``models.base``) reads the config, so this module needs nothing above ``quant/``.
+    """
     path = Path(path)
-    config = read_config(path)
     if not isinstance(config, cls.config_class):
         raise QuantError(f"{path} holds a {config.model_type!r} model; {cls.__name__} needs "
                          f"{cls.config_class.model_type!r}")
