@@ -37,7 +37,7 @@ def test_int4_layout_is_torch_kernel_layout():
     if kernels.has_int4_weight_only():
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1))
     for a, b in [(0, 192), (3, 70), (64, 128), (100, 101)]:
-        assert torch.equal(kernels.unpack_int4_rows(packed, 96, a, b), codes[a:b].long())
+        assert torch.equal(kernels.unpack_int4_rows(packed, 96, a, b), codes[a:b].to(torch.uint8))
 
 
 @needs_int8

@@ -89,13 +89,13 @@ def pack_int4(codes: Tensor) -> Tensor:
 
 
 def unpack_int4_rows(packed: Tensor, k: int, start: int, stop: int) -> Tensor:
-    """Codes of rows ``start:stop`` (int64 ``[stop - start, k]``) from :func:`pack_int4` output."""
+    """Codes of rows ``start:stop`` (uint8 ``[stop - start, k]``) from :func:`pack_int4` output."""
     first, last = start // INT4_TILE, -(-stop // INT4_TILE)
     tile_bytes = k * INT4_TILE // 2
     tiles = packed[first * tile_bytes: last * tile_bytes].view(last - first, k, INT4_TILE // 2)
     lo, hi = (tiles & 0xF), (tiles >> 4)
     rows = torch.stack((lo, hi), dim=1).permute(0, 1, 3, 2).reshape(-1, k)  # [tile * 64, k]
-    return rows[start - first * INT4_TILE: stop - first * INT4_TILE].long()
+    return rows[start - first * INT4_TILE: stop - first * INT4_TILE]
 
 
 def int4_weight_only(x: Tensor, packed: Tensor, n: int, k: int, group_size: int, scale_zero: Tensor) -> Tensor:
