@@ -197,8 +197,8 @@ class QuantLinear(QuantizedLinear):
 
     def _kernel(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
         """The fused product for ``x``, or None where the blockwise product runs (see the class docstring)."""
-        if self.scheme == "w8a8":
-            return lambda t: kernels.w8a8(t, self.weight_q, self.scale)
+        if self.scheme == "w8a8":  # the bias goes into the rescaling pass (see forward)
+            return lambda t: kernels.w8a8(t, self.weight_q, self.scale, self.bias)
         if self.scheme == "llm_int8":
             return self._llm_int8
         if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
@@ -222,7 +222,8 @@ class QuantLinear(QuantizedLinear):
         fused = self._kernel(x)
         if fused is None:
             return super().forward(x)
-        return self.add_bias(fused_product(x, fused, self.row_source(), self.out_features))
+        y = fused_product(x, fused, self.row_source(), self.out_features)
+        return y if self.scheme == "w8a8" else self.add_bias(y)
 
     def _llm_int8(self, x: Tensor) -> Tensor:
         """LLM.int8: outlier input features in fp32 with their weight columns, the rest int8 x int8 -> int32.
