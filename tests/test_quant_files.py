@@ -145,3 +145,22 @@ def test_gguf_export_reads_back_in_transformers_with_the_same_weights(tmp_path, 
     original = model.hf_state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert 0 < (mine[q] - original[q]).abs().max() <= atol  # quantized, not copied
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "zeropoint", "nf4"])
+def test_tied_embedding_reads_the_quantized_head(tmp_path, scheme):
+    from deltaformer.quant.layers import QuantEmbedding
+
+    model, src = _tiny_llama(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--scheme", scheme, "--embeddings", "--out", str(out)]) == 0
+    loaded = LlamaForCausalLM.from_pretrained(out)
+    emb = loaded.backbone.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and emb.head is loaded.lm_head
+    assert not any("tokens" in k for k in loaded.state_dict())  # the table is stored once, as the head
+    ids = torch.tensor([[0, 5, 95, 5], [64, 63, 1, 2]])
+    table = loaded.lm_head.dequantize()
+    assert torch.equal(emb(ids), table[ids])
+    quantize(model, scheme, embeddings=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

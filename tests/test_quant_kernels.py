@@ -37,7 +37,7 @@ def test_int4_layout_is_torch_kernel_layout():
     if kernels.has_int4_weight_only():
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1))
     for a, b in [(0, 192), (3, 70), (64, 128), (100, 101)]:
-        assert torch.equal(kernels.unpack_int4_rows(packed, 96, a, b), codes[a:b].long())
+        assert torch.equal(kernels.unpack_int4_rows(packed, 96, a, b), codes[a:b].to(torch.uint8))
 
 
 @needs_int8
@@ -123,3 +123,19 @@ def test_kernels_step_aside_for_gradients():
             assert torch.allclose(y, F.linear(x, layer.dequantize(), lin.bias), atol=1e-5)
         y.sum().backward()
         assert torch.allclose(x.grad, layer.dequantize().sum(0).expand(3, -1), atol=1e-5)
+
+
+def test_w8a8_reuses_an_unchanged_input_and_requantizes_a_changed_one():
+    torch.manual_seed(0)
+    first, second = QuantLinear(torch.nn.Linear(64, 32), "w8a8"), QuantLinear(torch.nn.Linear(64, 48), "w8a8")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        a = first(x)
+        b = second(x)  # the same input: its quantization is reused
+        assert torch.equal(b, second(x.clone()))
+        x.mul_(3.0)  # changed in place: quantized again
+        assert torch.equal(first(x), first(x.clone()))
+        assert not torch.allclose(first(x), a)
+    with torch.inference_mode():
+        y = torch.randn(5, 64)
+        assert torch.equal(first(y), first(y.clone()))

@@ -33,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="int8 / zeropoint scale granularity (default channel)")
     p.add_argument("--group-size", type=int, default=128, help="inputs per int8 scale with --granularity group")
     p.add_argument("--no-double-quant", action="store_true", help="nf4 / fp4: keep the block scales in fp32")
+    p.add_argument("--embeddings", action="store_true",
+                   help="a token embedding tied to the LM head reads the quantized head's rows (no fp32 table)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
         options = {"scheme": scheme, "skip": list(args.skip), "blocksize": args.blocksize,
                    "granularity": args.granularity, "group_size": args.group_size,
-                   "double_quant": not args.no_double_quant}
+                   "double_quant": not args.no_double_quant, "embeddings": args.embeddings}
         quantize(model, scheme, skip=tuple(args.skip), blocksize=args.blocksize,
-                 double_quant=not args.no_double_quant, granularity=args.granularity, group_size=args.group_size)
+                 double_quant=not args.no_double_quant, granularity=args.granularity, group_size=args.group_size,
+                 embeddings=args.embeddings)
         out = save_quantized(model, args.out, tokenizer=tokenizer, options=options)
     print(f"wrote {scheme} {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.io import atomic_write, save_state_dict
 from ..errors import QuantError
-from .layers import QuantLinear
+from .layers import QuantLinear, tie_embeddings, tied_embeddings
 
 QUANT_FILE = "quantized.safetensors"
 META_KEY = "deltaformer.quantization"
@@ -59,7 +59,7 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer: Any = Non
     tied = _tied(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     meta = {"version": FORMAT_VERSION, "architecture": getattr(model, "hf_architecture", type(model).__name__),
-            "options": options or {}, "layers": layers}
+            "options": options or {}, "layers": layers, "tied_embeddings": tied_embeddings(model)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / QUANT_FILE
@@ -122,6 +122,13 @@ def load_quantized_state(model: nn.Module, path: str | Path) -> nn.Module:
     file = Path(path) / QUANT_FILE if Path(path).is_dir() else Path(path)
     meta = read_metadata(file)
     apply_layers(model, meta["layers"], f"{file}'s metadata")
+    ties = meta.get("tied_embeddings") or {}
+    if not isinstance(ties, dict):
+        raise QuantError(f"{file}: its tied_embeddings metadata is not an object: the file was damaged")
+    try:
+        tie_embeddings(model, ties)
+    except AttributeError as err:
+        raise QuantError(f"{file}'s metadata ties an embedding this model does not have ({err})") from None
     tied = _tied(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     tensors: dict[str, Tensor] = {}

@@ -14,6 +14,7 @@ bf16 rounding of the output. Layers pick a kernel only on CPU and without autogr
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import torch
@@ -89,13 +90,13 @@ def pack_int4(codes: Tensor) -> Tensor:
 
 
 def unpack_int4_rows(packed: Tensor, k: int, start: int, stop: int) -> Tensor:
-    """Codes of rows ``start:stop`` (int64 ``[stop - start, k]``) from :func:`pack_int4` output."""
+    """Codes of rows ``start:stop`` (uint8 ``[stop - start, k]``) from :func:`pack_int4` output."""
     first, last = start // INT4_TILE, -(-stop // INT4_TILE)
     tile_bytes = k * INT4_TILE // 2
     tiles = packed[first * tile_bytes: last * tile_bytes].view(last - first, k, INT4_TILE // 2)
     lo, hi = (tiles & 0xF), (tiles >> 4)
     rows = torch.stack((lo, hi), dim=1).permute(0, 1, 3, 2).reshape(-1, k)  # [tile * 64, k]
-    return rows[start - first * INT4_TILE: stop - first * INT4_TILE].long()
+    return rows[start - first * INT4_TILE: stop - first * INT4_TILE]
 
 
 def int4_weight_only(x: Tensor, packed: Tensor, n: int, k: int, group_size: int, scale_zero: Tensor) -> Tensor:
@@ -119,10 +120,39 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     absmax = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for a in range(0, x.shape[0], _TOKEN_CHUNK):
         part = x[a:a + _TOKEN_CHUNK].float()
-        m = part.abs().amax(dim=1).clamp(min=1e-38)
+        m = part.abs().amax(dim=1).clamp_(min=1e-38)
         absmax[a:a + _TOKEN_CHUNK] = m
-        q[a:a + _TOKEN_CHUNK] = torch.round(part * (127.0 / m).unsqueeze(1)).clamp_(-127, 127)
+        # |x| * 127 / absmax <= 127 already: no clamp needed after rounding
+        q[a:a + _TOKEN_CHUNK] = torch.mul(part, (127.0 / m).unsqueeze(1)).round_()
     return q, absmax
+
+
+class _LastQuantized:
+    """The per-token quantization of the last input, reused while that very tensor comes back unchanged.
+
+    Attention's query, key and value projections read the same input one after another; quantizing it once
+    saves two of three passes. The entry is keyed on the tensor object (a weak reference), its shape, storage
+    and version counter, so an input changed in place (or a new one at the same address) is quantized again.
+    Inference-mode tensors carry no version counter and are never reused.
+    """
+
+    def __init__(self) -> None:
+        self.ref: weakref.ReferenceType[Tensor] | None = None
+        self.key: tuple[int, int, tuple[int, ...]] | None = None
+        self.value: tuple[Tensor, Tensor] | None = None
+
+    def get(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.is_inference():
+            return quantize_per_token(x.reshape(-1, x.shape[-1]))
+        key = (x.data_ptr(), x._version, tuple(x.shape))
+        if self.ref is not None and self.ref() is x and self.key == key and self.value is not None:
+            return self.value
+        value = quantize_per_token(x.reshape(-1, x.shape[-1]))
+        self.ref, self.key, self.value = weakref.ref(x), key, value
+        return value
+
+
+_last_quantized = _LastQuantized()
 
 
 def int8_matmul(a: Tensor, b_t: Tensor) -> Tensor:
@@ -132,10 +162,13 @@ def int8_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     return a.to(torch.int32) @ b_t.to(torch.int32).t()
 
 
-def w8a8(x: Tensor, q: Tensor, absmax: Tensor) -> Tensor:
-    """``x @ W^T`` with W int8 per output row (``absmax``) and ``x`` quantized per token on the fly."""
-    flat = x.reshape(-1, x.shape[-1])
-    xq, xmax = quantize_per_token(flat)
-    acc = int8_matmul(xq, q)
-    y = acc.float().mul_(xmax.unsqueeze(1) * (1.0 / (127.0 * 127.0))).mul_(absmax.unsqueeze(0))
+def w8a8(x: Tensor, q: Tensor, absmax: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T + bias`` with W int8 per output row (``absmax``) and ``x`` quantized per token on the fly."""
+    xq, xmax = _last_quantized.get(x)
+    # convert, then scale by column and by row and add the bias in place: torch.addcmul with these broadcasts,
+    # or one mixed int32 x fp32 multiply, runs several times slower than these plain passes
+    y = int8_matmul(xq, q).float()
+    y.mul_(absmax.unsqueeze(0) * (1.0 / (127.0 * 127.0))).mul_(xmax.unsqueeze(1))
+    if bias is not None:
+        y.add_(bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])

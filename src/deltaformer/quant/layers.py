@@ -18,7 +18,8 @@ from ..errors import QuantError
 from . import kernels, schemes
 from .base import ROWS_PER_BLOCK, QuantizedLinear, RowFn, fused_product
 
-__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantLinear", "quantize"]
+__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantEmbedding", "QuantLinear", "quantize", "tie_embeddings",
+           "tied_embeddings"]
 
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
@@ -94,6 +95,27 @@ class QuantLinear(QuantizedLinear):
                 self.register_buffer("scale", nf.absmax_scale)
                 self.register_buffer("scale_codes", nf.absmax_codes)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def gather_rows(self, index: Tensor) -> Tensor:
+        """fp32 weight rows at ``index`` (1-D), decoding only those rows: an embedding lookup on the packed table."""
+        if self.scheme in ABSMAX_INT8 + ("zeropoint",) and self.granularity != "group":
+            scale = self.scale if self.granularity == "tensor" else self.scale[index]
+            if self.scheme == "zeropoint":
+                zero = self.zero if self.granularity == "tensor" else self.zero[index]
+                return schemes.int8_zero_point_rows(self.weight_q[index], scale, zero)
+            return schemes.int8_absmax_rows(self.weight_q[index], scale)
+        if self.scheme == "int4":
+            tile, lane = index // kernels.INT4_TILE, index % kernels.INT4_TILE
+            cols = torch.arange(self.cols, device=index.device)
+            flat = (tile * (self.cols * kernels.INT4_TILE // 2) + lane % (kernels.INT4_TILE // 2)).unsqueeze(1) \
+                + cols.unsqueeze(0) * (kernels.INT4_TILE // 2)
+            byte = self.weight_q[flat]
+            codes = torch.where((lane >= kernels.INT4_TILE // 2).unsqueeze(1), byte >> 4, byte & 0xF)
+            w = schemes.int4_affine_rows(codes, self.scale[:, index, 0].t(), self.scale[:, index, 1].t())
+            return w[:, :self.in_features]
+        rows = self.row_source()
+        return torch.cat([rows(i, i + 1) for i in index.tolist()]) if index.numel() else \
+            torch.empty(0, self.in_features, device=index.device)
 
     def spec(self) -> dict[str, Any]:
         """What rebuilds this layer's buffers (shapes, dtypes) around loaded tensors: see :meth:`from_spec`."""
@@ -175,8 +197,8 @@ class QuantLinear(QuantizedLinear):
 
     def _kernel(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
         """The fused product for ``x``, or None where the blockwise product runs (see the class docstring)."""
-        if self.scheme == "w8a8":
-            return lambda t: kernels.w8a8(t, self.weight_q, self.scale)
+        if self.scheme == "w8a8":  # the bias goes into the rescaling pass (see forward)
+            return lambda t: kernels.w8a8(t, self.weight_q, self.scale, self.bias)
         if self.scheme == "llm_int8":
             return self._llm_int8
         if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
@@ -200,7 +222,8 @@ class QuantLinear(QuantizedLinear):
         fused = self._kernel(x)
         if fused is None:
             return super().forward(x)
-        return self.add_bias(fused_product(x, fused, self.row_source(), self.out_features))
+        y = fused_product(x, fused, self.row_source(), self.out_features)
+        return y if self.scheme == "w8a8" else self.add_bias(y)
 
     def _llm_int8(self, x: Tensor) -> Tensor:
         """LLM.int8: outlier input features in fp32 with their weight columns, the rest int8 x int8 -> int32.
@@ -225,14 +248,63 @@ class QuantLinear(QuantizedLinear):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+class QuantEmbedding(nn.Module):
+    """A token embedding that reads its rows from a tied, quantized LM head (no fp32 table kept).
+
+    The head (a :class:`QuantLinear` elsewhere in the model) owns the packed buffers; this module only holds a
+    reference, so the state dict stores them once. Lookups decode just the rows asked for; ``weight`` (for code
+    that reads it) dequantizes the whole table.
+    """
+
+    def __init__(self, head: QuantLinear, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self._head = (head,)  # a tuple: not registered as a submodule, the head stays where it is
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+
+    @property
+    def head(self) -> QuantLinear:
+        return self._head[0]
+
+    @property
+    def weight(self) -> Tensor:
+        return self.head.dequantize()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head.gather_rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to a {self.head.scheme} head"
+
+
+def tie_embeddings(model: nn.Module, ties: dict[str, str]) -> None:
+    """Replace each embedding ``name`` of ``ties`` by a :class:`QuantEmbedding` reading the quantized head."""
+    for name, head_name in ties.items():
+        head = model.get_submodule(head_name)
+        emb = model.get_submodule(name)
+        if not isinstance(head, QuantLinear) or not isinstance(emb, nn.Embedding | QuantEmbedding):
+            raise QuantError(f"cannot tie embedding {name} to {head_name}: not an embedding and a quantized head")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantEmbedding(head, emb.padding_idx))
+
+
+def tied_embeddings(model: nn.Module) -> dict[str, str]:
+    """Embedding paths of ``model`` that read a quantized head's rows, with the head's path."""
+    heads = {id(m): n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {n: heads[id(m.head)] for n, m in model.named_modules()
+            if isinstance(m, QuantEmbedding) and id(m.head) in heads}
+
+
 def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), blocksize: int = 64,
              double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel",
-             group_size: int = 128, pad: bool = True) -> nn.Module:
+             group_size: int = 128, pad: bool = True, embeddings: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a frozen :class:`QuantLinear`.
 
     ``skip`` names module paths (or their last part, e.g. "classifier", "lm_head") that stay fp32: heads are
     small and sensitive. 4-bit layers whose width is not a multiple of ``blocksize`` are zero-padded to whole
-    blocks (``pad=False`` refuses them instead). A layer that cannot be quantized as asked raises
+    blocks (``pad=False`` refuses them instead). ``embeddings``: a token embedding whose weight is tied to a
+    quantized head becomes a :class:`QuantEmbedding` reading the head's packed rows (the fp32 table goes; left
+    alone, the tie is cut and the table stays fp32). A layer that cannot be quantized as asked raises
     :class:`QuantError` naming it, before any layer of the model is replaced.
     Returns the model; its remaining parameters are left as they were.
     """
@@ -241,6 +313,8 @@ def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), 
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear)
                and not any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)]
+    tables = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    ties: dict[str, str] = {}
     replaced: list[tuple[str, QuantLinear]] = []
     for name, module in targets:
         try:
@@ -248,8 +322,11 @@ def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), 
                                                group_size, pad)))
         except QuantError as err:
             raise QuantError(f"layer {name}: {err}") from None
+        if embeddings and id(module.weight) in tables:
+            ties[tables[id(module.weight)]] = name
     for name, layer in replaced:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
+    tie_embeddings(model, ties)
     return model
