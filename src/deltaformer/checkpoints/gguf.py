@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..nn.linear import Linear
 from ..quant.gguf_blocks import SUPPORTED_TYPES, as_type, dequantize
+from .names import normalize_legacy
 
 #: Architectures whose tensors and metadata this module maps, with the HF model class they become.
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -348,9 +349,10 @@ PACKABLE_TYPES = frozenset(SUPPORTED_TYPES - {GGMLQuantizationType.F32})
 
 
 def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
-              pending_init: list[_InitCall] | None = None) -> Any:
+              pending_init: list[_InitCall] | None = None) -> tuple[list[str], list[str]]:
     """Fill ``model`` (a :class:`~deltaformer.models.base.PreTrainedModel`, ideally built under
-    :func:`deferred_init`) from ``checkpoint`` one tensor at a time; returns its ``LoadReport``.
+    :func:`deferred_init`) from ``checkpoint`` one tensor at a time; returns ``(missing, unexpected)``: our
+    names of the weights the file lacks (heads, initialised afresh) and the file's HF names the model lacks.
 
     Each fp32 tensor is unpacked straight into its parameter, so loading needs the model plus one tensor's packed
     bytes. With ``keep_packed``, every ``Linear`` and the token embedding stored in a :data:`PACKABLE_TYPES`
@@ -358,9 +360,6 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
     :class:`~deltaformer.quant.gguf_linear.GGUFEmbedding` holding the file's bytes; a head tied to the embedding
     shares its bytes. ``pending_init`` (from :func:`deferred_init`) initialises the weights the file lacks.
     """
-    from ..checkpoints.names import normalize_legacy
-    from ..models.base import LoadReport
-
     name_map = model.name_map()
     ours: dict[str, Tensor] = model.state_dict(keep_vars=True)
     translated: set[str] = set()
@@ -407,7 +406,7 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
         for call in pending_init:
             if call.tensor.numel() and call.tensor.data_ptr() in fresh:
                 call.replay()
-    return LoadReport(missing=missing, unexpected=unexpected)
+    return missing, unexpected
 
 
 def _packed_layer(module: nn.Module, packed: Tensor, qtype: GGMLQuantizationType) -> nn.Module:

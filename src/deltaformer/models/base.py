@@ -207,7 +207,8 @@ class PreTrainedModel(nn.Module):
         if checkpoint is not None:  # built uninitialised, each tensor unpacked into place (checkpoints.gguf)
             with deferred_init() as pending:
                 model = cls(config)
-            report = load_into(model, checkpoint, keep_packed=keep_packed, pending_init=pending)
+            missing, unexpected = load_into(model, checkpoint, keep_packed=keep_packed, pending_init=pending)
+            report = LoadReport(missing=missing, unexpected=unexpected)
         elif keep_packed:
             raise CheckpointError(f"keep_packed=True needs a GGUF file; {path} is not one")
         else:
