@@ -193,6 +193,10 @@ def test_bad_gguf_files(tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         LlamaForCausalLM.from_pretrained(cut)
+    header_cut = tmp_path / "header_cut.gguf"
+    header_cut.write_bytes(good.read_bytes()[:200])  # inside the metadata
+    with pytest.raises(CheckpointError, match=r"not a readable GGUF file \(the header ends at byte 200"):
+        LlamaForCausalLM.from_pretrained(header_cut)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
@@ -401,3 +405,25 @@ def test_smollm2_load_peak_memory(smollm_file, mode):
     largest = max(4 * int(np.prod(t.shape)) for t in GGUFCheckpoint(smollm_file).tensor_infos().values())
     limit = result["fp32"] + largest if mode == "fp32" else 1.3 * smollm_file.stat().st_size
     assert result["load_peak"] <= limit, (result, limit)
+
+
+def test_deferred_init_records_in_its_thread_only():
+    import threading
+
+    from deltaformer.checkpoints.gguf import deferred_init
+
+    original = torch.nn.init.normal_
+    other: list[torch.Tensor] = []
+    with deferred_init() as calls:
+        torch.manual_seed(0)
+        mine = torch.nn.Linear(4, 3)
+        worker = threading.Thread(target=lambda: other.append(torch.nn.init.normal_(torch.zeros(50))))
+        worker.start()
+        worker.join()
+        with deferred_init() as inner:
+            torch.nn.Embedding(5, 2)
+    assert torch.nn.init.normal_ is original
+    assert other[0].std() > 0.5  # the other thread's init ran
+    assert [c.fn.__name__ for c in calls] == ["kaiming_uniform_", "uniform_"] and len(inner) == 1
+    calls[0].replay()
+    assert mine.weight.abs().max() <= 0.5 and mine.weight.std() > 0  # kaiming bound 1/sqrt(4)

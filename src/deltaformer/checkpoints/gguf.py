@@ -20,6 +20,7 @@ import contextlib
 import functools
 import re
 import struct
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -451,27 +452,49 @@ class _InitCall:
         self.fn(self.tensor, *self.args, **self.kwargs)
 
 
+_deferral = threading.local()  # .calls: the list the current thread records into, while it defers
+_deferral_lock = threading.Lock()
+_deferring_threads = 0
+_original_init: dict[str, Callable[..., Any]] = {}
+
+
+def _dispatcher(name: str) -> Callable[..., Any]:
+    original = _original_init[name]
+
+    def init(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls = getattr(_deferral, "calls", None)
+        if calls is None:  # another thread, not deferring: initialise as usual
+            return original(tensor, *args, **kwargs)
+        calls.append(_InitCall(original, tensor, args, kwargs))
+        return tensor
+    return init
+
+
 @contextlib.contextmanager
 def deferred_init() -> Iterator[list[_InitCall]]:
-    """Build modules without running ``torch.nn.init``: each call is recorded (in the list this yields)
-    instead, so a checkpoint's tensors are written once and only the weights it lacks are initialised
-    (:func:`load_into` replays their calls). Untouched parameters cost no memory until written."""
+    """Build modules without running ``torch.nn.init``: in this thread, each call is recorded (in the list
+    this yields) instead, so a checkpoint's tensors are written once and only the weights it lacks are
+    initialised (:func:`load_into` replays their calls). Untouched parameters cost no memory until written.
+    Other threads keep initialising normally."""
+    global _deferring_threads
+    with _deferral_lock:
+        if _deferring_threads == 0:
+            _original_init.update({name: getattr(nn.init, name) for name in _INIT_FUNCTIONS})
+            for name in _INIT_FUNCTIONS:
+                setattr(nn.init, name, _dispatcher(name))
+        _deferring_threads += 1
+    outer = getattr(_deferral, "calls", None)
     calls: list[_InitCall] = []
-    originals = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-
-    def recorder(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def record(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            calls.append(_InitCall(fn, tensor, args, kwargs))
-            return tensor
-        return record
-
-    for name, fn in originals.items():
-        setattr(nn.init, name, recorder(fn))
+    _deferral.calls = calls
     try:
         yield calls
     finally:
-        for name, fn in originals.items():
-            setattr(nn.init, name, fn)
+        _deferral.calls = outer
+        with _deferral_lock:
+            _deferring_threads -= 1
+            if _deferring_threads == 0:
+                for name, fn in _original_init.items():
+                    setattr(nn.init, name, fn)
 
 
 def unpermute_rotary(weight: Tensor, heads: int) -> Tensor:
