@@ -378,12 +378,16 @@ def test_smollm2_packed_load_equals_fp32_load(smollm_file):
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 from deltaformer.models import LlamaForCausalLM
-before = int(open("/proc/self/statm").read().split()[1]) * 4096
+
+def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current resident set
 model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_packed=sys.argv[2] == "packed")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"load_peak": peak - before, "fp32": 4 * model.num_parameters()}))
+print(json.dumps({"load_peak": 1024 * (status("VmHWM") - before), "fp32": 4 * model.num_parameters()}))
 """
 
 
