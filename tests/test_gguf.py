@@ -431,3 +431,20 @@ def test_deferred_init_records_in_its_thread_only():
     assert [c.fn.__name__ for c in calls] == ["kaiming_uniform_", "uniform_"] and len(inner) == 1
     calls[0].replay()
     assert mine.weight.abs().max() <= 0.5 and mine.weight.std() > 0  # kaiming bound 1/sqrt(4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_gguf_of_a_packed_load(tmp_path, tied):
+    """A packed load saved in its own type is the file's tensors byte for byte; in another type, its weights."""
+    model = _tiny_llama(tie_word_embeddings=tied)
+    path = save_gguf(model, tmp_path / "a.gguf", "Q4_1")
+    packed = LlamaForCausalLM.from_pretrained(path, keep_packed=True)
+    again = save_gguf(packed, tmp_path / "b.gguf", "Q4_1")
+    first, second = GGUFCheckpoint(path), GGUFCheckpoint(again)
+    assert first.tensor_types() == second.tensor_types()
+    for name in first.tensor_infos():
+        assert torch.equal(first.raw(name).data, second.raw(name).data), name
+    wide = LlamaForCausalLM.from_pretrained(save_gguf(packed, tmp_path / "c.gguf", "F32"))
+    dense = LlamaForCausalLM.from_pretrained(path)
+    for (name, mine), (_, theirs) in zip(wide.hf_state_dict().items(), dense.hf_state_dict().items(), strict=True):
+        assert torch.equal(mine, theirs), name
