@@ -36,6 +36,7 @@ from ..errors import CheckpointError
 from ..nn.linear import Linear
 from ..quant.gguf_blocks import SUPPORTED_TYPES, as_type, dequantize
 from .names import normalize_legacy
+from .report import LoadReport
 
 #: Architectures whose tensors and metadata this module maps, with the HF model class they become.
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -350,10 +351,9 @@ PACKABLE_TYPES = frozenset(SUPPORTED_TYPES - {GGMLQuantizationType.F32})
 
 
 def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
-              pending_init: list[_InitCall] | None = None) -> tuple[list[str], list[str]]:
+              pending_init: list[_InitCall] | None = None) -> LoadReport:
     """Fill ``model`` (a :class:`~deltaformer.models.base.PreTrainedModel`, ideally built under
-    :func:`deferred_init`) from ``checkpoint`` one tensor at a time; returns ``(missing, unexpected)``: our
-    names of the weights the file lacks (heads, initialised afresh) and the file's HF names the model lacks.
+    :func:`deferred_init`) from ``checkpoint`` one tensor at a time; returns its ``LoadReport``.
 
     Each fp32 tensor is unpacked straight into its parameter, so loading needs the model plus one tensor's packed
     bytes. With ``keep_packed``, every ``Linear`` and the token embedding stored in a :data:`PACKABLE_TYPES`
@@ -407,7 +407,7 @@ def load_into(model: Any, checkpoint: GGUFCheckpoint, keep_packed: bool = False,
         for call in pending_init:
             if call.tensor.numel() and call.tensor.data_ptr() in fresh:
                 call.replay()
-    return missing, unexpected
+    return LoadReport(missing=missing, unexpected=unexpected)
 
 
 def _packed_layer(module: nn.Module, packed: Tensor, qtype: GGMLQuantizationType) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..checkpoints.gguf import deferred_init, find_gguf, load_into, open_gguf
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..checkpoints.names import NameMap, normalize_legacy
+from ..checkpoints.report import LoadReport
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, ConfigError, DeltaError
 
@@ -57,22 +58,6 @@ class HeadOutput(Output):
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     extra_logits: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class LoadReport:
-    """What loading a checkpoint did: weights left at their fresh init, and weights it did not use."""
-
-    missing: list[str]
-    unexpected: list[str]
-
-    def __str__(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"newly initialised (train them): {', '.join(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unused checkpoint weights: {', '.join(self.unexpected)}")
-        return "; ".join(parts) or "all weights loaded"
 
 
 class PreTrainedModel(nn.Module):
@@ -190,6 +175,10 @@ class PreTrainedModel(nn.Module):
         ``keep_packed`` (GGUF files only) keeps quantized linears and embeddings packed (``quant.gguf_linear``).
         """
         path = resolve_path(name_or_path)
+        from ..quant.files import is_quantized, load_quantized
+
+        if is_quantized(path):  # a `deltaformer quantize` directory: its layers stay packed
+            return load_quantized(cls, path, read_config(path), **config_changes)
         gguf = find_gguf(path)
         checkpoint = open_gguf(gguf) if gguf is not None else None
         config = read_config(path)
@@ -207,8 +196,7 @@ class PreTrainedModel(nn.Module):
         if checkpoint is not None:  # built uninitialised, each tensor unpacked into place (checkpoints.gguf)
             with deferred_init() as pending:
                 model = cls(config)
-            missing, unexpected = load_into(model, checkpoint, keep_packed=keep_packed, pending_init=pending)
-            report = LoadReport(missing=missing, unexpected=unexpected)
+            report = load_into(model, checkpoint, keep_packed=keep_packed, pending_init=pending)
         elif keep_packed:
             raise CheckpointError(f"keep_packed=True needs a GGUF file; {path} is not one")
         else:

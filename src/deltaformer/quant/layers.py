@@ -8,33 +8,48 @@ and are saved in ``state_dict``); the weight gets no gradient, by design (the ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import QuantError
-from . import base, schemes
+from . import kernels, schemes
 from .base import ROWS_PER_BLOCK, QuantizedLinear, RowFn, fused_product
 
 __all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantLinear", "quantize"]
 
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
-SCHEMES = ("int8", "zeropoint", "llm_int8", "nf4", "fp4")
+SCHEMES = ("int8", "zeropoint", "llm_int8", "w8a8", "nf4", "fp4", "int4")
 FOUR_BIT = ("nf4", "fp4")
+#: Schemes stored as int8 absmax rows (same buffers; they differ in the product only).
+ABSMAX_INT8 = ("int8", "llm_int8", "w8a8")
 
 
 class QuantLinear(QuantizedLinear):
     """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked.
 
     int8 / zeropoint take a ``granularity`` ("tensor", "channel" or "group" of ``group_size`` inputs);
-    llm_int8 is per channel (its int8 product rescales by row). nf4 / fp4 use blocks of ``blocksize`` with
-    optional double quantization; a row width that is not a multiple of ``blocksize`` is zero-padded to whole
-    blocks when ``pad`` (the default here) and refused otherwise.
+    llm_int8 and w8a8 are per channel (their int8 x int8 products rescale by row; w8a8 quantizes every input
+    row to int8, llm_int8 keeps outlier features in fp32). nf4 / fp4 use blocks of ``blocksize`` with
+    optional double quantization; int4 is asymmetric per group of ``blocksize`` (bf16 scale and zero), stored
+    in torch's CPU int4 kernel layout (rows padded to 64). A row width that is not a multiple of
+    ``blocksize`` is zero-padded to whole blocks when ``pad`` (the default here) and refused otherwise.
+
+    Forward picks a fused kernel (:mod:`quant.kernels`) on CPU when no input gradient is needed and
+    ``use_kernels`` is true: int8 per channel / per tensor -> ``_weight_int8pack_mm``, int4 ->
+    ``_weight_int4pack_mm_for_cpu`` (both in bf16), w8a8 / llm_int8 -> ``torch._int_mm``; otherwise the
+    blockwise fp32 product of :class:`quant.base.QuantizedLinear` (and its input gradient).
     """
+
+    use_kernels: bool = True
 
     weight_q: Tensor
     scale: Tensor
     zero: Tensor
+    padded_rows: int
 
     def __init__(self, linear: nn.Linear, scheme: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                  threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel", group_size: int = 128,
@@ -42,14 +57,24 @@ class QuantLinear(QuantizedLinear):
         super().__init__()
         if scheme not in SCHEMES:
             raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-        if scheme == "llm_int8" and granularity != "channel":
-            raise QuantError("llm_int8 quantizes per output channel only: drop the granularity argument")
+        if scheme in ("llm_int8", "w8a8") and granularity != "channel":
+            raise QuantError(f"{scheme} quantizes per output channel only: drop the granularity argument")
         weight = linear.weight.detach()
         self.scheme, self.threshold = scheme, threshold
-        self.granularity = granularity if scheme in ("int8", "zeropoint", "llm_int8") else "block"
+        self.granularity = granularity if scheme in ("int8", "zeropoint", "llm_int8", "w8a8") else "block"
         self.group_size = group_size
         self.out_features, self.in_features = weight.shape
-        if scheme in ("int8", "llm_int8"):
+        if scheme == "int4":
+            codes, scale, zero = schemes.int4_affine(weight, blocksize, pad=pad)
+            self.blocksize, self.cols = blocksize, codes.shape[1]
+            self.padded_rows = self.out_features + (-self.out_features % kernels.INT4_TILE)
+            extra = self.padded_rows - self.out_features
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, extra), value=8)
+            scale_zero = torch.stack((scale, zero), dim=-1)  # [out, groups, 2]
+            scale_zero = torch.nn.functional.pad(scale_zero, (0, 0, 0, 0, 0, extra))
+            self.register_buffer("weight_q", kernels.pack_int4(codes))
+            self.register_buffer("scale", scale_zero.transpose(0, 1).contiguous())  # [groups, rows, 2]: the kernel's
+        elif scheme in ABSMAX_INT8:
             q, absmax = schemes.int8_absmax(weight, granularity, group_size)
             self.register_buffer("weight_q", q)
             self.register_buffer("scale", absmax)
@@ -70,6 +95,46 @@ class QuantLinear(QuantizedLinear):
                 self.register_buffer("scale_codes", nf.absmax_codes)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's buffers (shapes, dtypes) around loaded tensors: see :meth:`from_spec`."""
+        out: dict[str, Any] = {"scheme": self.scheme, "in_features": self.in_features,
+                               "out_features": self.out_features, "bias": self.bias is not None}
+        if self.scheme in ("int8", "zeropoint", "llm_int8", "w8a8"):
+            out.update(granularity=self.granularity, group_size=self.group_size)
+            if self.scheme == "llm_int8":
+                out["threshold"] = self.threshold
+        else:
+            out.update(blocksize=self.blocksize, pad=self.cols != self.in_features)
+            if self.scheme in FOUR_BIT:
+                out.update(double_quant=hasattr(self, "scale_codes"), offset=self.offset, group=self.group)
+        return out
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], linear: nn.Linear) -> QuantLinear:
+        """A layer shaped as ``spec`` describes (its buffers are to be overwritten by loaded tensors).
+
+        ``linear`` gives the shape; its values only fill the buffers until the load replaces them.
+        """
+        try:
+            scheme = str(spec["scheme"])
+            if (int(spec["in_features"]), int(spec["out_features"])) != (linear.in_features, linear.out_features):
+                raise QuantError(f"the metadata says {spec['in_features']} -> {spec['out_features']} features, "
+                                 f"the model's layer is {linear.in_features} -> {linear.out_features}")
+            if bool(spec["bias"]) != (linear.bias is not None):
+                raise QuantError("the metadata and the model disagree on whether the layer has a bias")
+            layer = cls(linear, scheme, blocksize=int(spec.get("blocksize", 64)),
+                        double_quant=bool(spec.get("double_quant", True)),
+                        threshold=float(spec.get("threshold", OUTLIER_THRESHOLD)),
+                        granularity=str(spec.get("granularity", "channel")),
+                        group_size=int(spec.get("group_size", 128)), pad=bool(spec.get("pad", True)))
+        except QuantError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise QuantError(f"layer metadata {spec} is incomplete or malformed ({err})") from None
+        if scheme in FOUR_BIT:
+            layer.offset = float(spec.get("offset", 0.0))
+        return layer
+
     def _per_row(self, t: Tensor, a: int, b: int) -> Tensor:
         """Rows ``a:b`` of a scale / zero tensor (a per-tensor one applies to every row)."""
         return t if self.granularity == "tensor" else t[a:b]
@@ -85,6 +150,8 @@ class QuantLinear(QuantizedLinear):
 
     def row_source(self) -> RowFn:
         """A function giving fp32 weight rows ``a:b`` (block scales decoded once per call, not per block)."""
+        if self.scheme == "int4":
+            return self._int4_rows
         if self.scheme in FOUR_BIT:
             nf = self._nf4()
             scales = nf.scales()
@@ -101,11 +168,39 @@ class QuantLinear(QuantizedLinear):
         """Alias of :meth:`row_source` (the name code written before :mod:`quant.base` uses)."""
         return self.row_source()
 
+    def _int4_rows(self, a: int, b: int) -> Tensor:
+        codes = kernels.unpack_int4_rows(self.weight_q, self.cols, a, b)
+        w = schemes.int4_affine_rows(codes, self.scale[:, a:b, 0].t(), self.scale[:, a:b, 1].t())
+        return w if self.cols == self.in_features else w[:, :self.in_features]
+
+    def _kernel(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The fused product for ``x``, or None where the blockwise product runs (see the class docstring)."""
+        if self.scheme == "w8a8":
+            return lambda t: kernels.w8a8(t, self.weight_q, self.scale)
+        if self.scheme == "llm_int8":
+            return self._llm_int8
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        if self.scheme == "int8" and self.granularity in ("channel", "tensor") and kernels.has_int8_weight_only():
+            return lambda t: kernels.int8_weight_only(t, self.weight_q, self._channel_scale())
+        if self.scheme == "int4" and kernels.has_int4_weight_only() and self.blocksize in kernels.INT4_GROUP_SIZES:
+            return self._int4_kernel
+        return None
+
+    def _channel_scale(self) -> Tensor:
+        step = self.scale / 127.0
+        return step.expand(self.out_features) if self.granularity == "tensor" else step
+
+    def _int4_kernel(self, x: Tensor) -> Tensor:
+        y = kernels.int4_weight_only(x, self.weight_q, self.padded_rows, self.cols, self.blocksize, self.scale)
+        return y if self.padded_rows == self.out_features else y[..., :self.out_features]
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        if self.scheme == "llm_int8":
-            return self.add_bias(fused_product(x, self._llm_int8, self.row_source(), self.out_features))
-        return super().forward(x)
+        fused = self._kernel(x)
+        if fused is None:
+            return super().forward(x)
+        return self.add_bias(fused_product(x, fused, self.row_source(), self.out_features))
 
     def _llm_int8(self, x: Tensor) -> Tensor:
         """LLM.int8: outlier input features in fp32 with their weight columns, the rest int8 x int8 -> int32.
@@ -121,10 +216,8 @@ class QuantLinear(QuantizedLinear):
         inliers[:, outliers] = 0.0
         row_max = inliers.abs().amax(dim=1).clamp(min=1e-38)
         xq = torch.round(inliers * (127.0 / row_max).unsqueeze(1)).clamp(-127, 127)
-        # int32 accumulation: exact integers up to 2^24 in fp32 need chunking only beyond 1040 features of 127^2;
-        # the product runs on int32 tensors on CPU (torch has no int8 GEMM there), exact by construction.
-        acc = torch.cat([xq.to(torch.int32) @ self.weight_q[a:a + base.ROWS_PER_BLOCK].to(torch.int32).t()
-                         for a in range(0, self.out_features, base.ROWS_PER_BLOCK)], dim=1)
+        # int8 x int8 -> int32 (torch._int_mm where it runs, else an int32 matmul): exact either way
+        acc = kernels.int8_matmul(xq.to(torch.int8), self.weight_q)
         y = acc.float() * (row_max.unsqueeze(1) * self.scale.unsqueeze(0) / (127.0 * 127.0))
         if outliers.numel():
             cols = schemes.int8_absmax_rows(self.weight_q[:, outliers], self.scale)

@@ -298,3 +298,34 @@ def fp4(weight: Tensor, blocksize: int = 64, double_quant: bool = True, group: i
         pad: bool = False) -> NF4Weight:
     """FP4 blocks (bitsandbytes' e2m1 4-bit float); see :func:`four_bit`."""
     return four_bit(weight, "fp4", blocksize, double_quant, group, pad)
+
+
+# ------------------------------------------------------------------------------------------------ int4 affine
+def int4_affine(weight: Tensor, group_size: int = 64, pad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit per group of ``group_size`` inputs of a row: ``w = (code - 8) * scale + zero``.
+
+    torch's int4 weight-only kernels use this form (``zero`` is the value of code 8). Scale and zero are kept
+    in bf16 (what those kernels read); codes are rounded against the stored bf16 values, so dequantizing them
+    gives the nearest representable weight. Returns (codes uint8 [out, cols] in 0..15, scale bf16
+    [out, groups], zero bf16 [out, groups]); ``cols`` is ``in_features`` or, with ``pad``, the next multiple
+    of ``group_size`` (zero columns), otherwise a width that does not fit is refused.
+    """
+    _check_weight(weight)
+    out_features, in_features = weight.shape
+    cols = _check_block(in_features, group_size, pad, "int4")
+    w = weight.float()
+    if cols != in_features:
+        w = torch.nn.functional.pad(w, (0, cols - in_features))
+    g = w.view(out_features, cols // group_size, group_size)
+    low, high = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((high - low) / 15.0).clamp(min=1e-6).to(torch.bfloat16)
+    zero = (low + 8.0 * scale.float()).to(torch.bfloat16)
+    codes = torch.round((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)) + 8.0
+    return codes.clamp_(0, 15).to(torch.uint8).view(out_features, cols), scale, zero
+
+
+def int4_affine_rows(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """fp32 rows back from :func:`int4_affine` output (codes [rows, cols], scale / zero [rows, groups])."""
+    rows, cols = codes.shape
+    g = codes.view(rows, scale.shape[1], -1).float() - 8.0
+    return (g * scale.float().unsqueeze(2) + zero.float().unsqueeze(2)).view(rows, cols)
