@@ -193,6 +193,10 @@ def test_bad_gguf_files(tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         LlamaForCausalLM.from_pretrained(cut)
+    header_cut = tmp_path / "header_cut.gguf"
+    header_cut.write_bytes(good.read_bytes()[:200])  # inside the metadata
+    with pytest.raises(CheckpointError, match=r"not a readable GGUF file \(the header ends at byte 200"):
+        LlamaForCausalLM.from_pretrained(header_cut)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
@@ -374,12 +378,16 @@ def test_smollm2_packed_load_equals_fp32_load(smollm_file):
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 from deltaformer.models import LlamaForCausalLM
-before = int(open("/proc/self/statm").read().split()[1]) * 4096
+
+def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current resident set
 model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_packed=sys.argv[2] == "packed")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"load_peak": peak - before, "fp32": 4 * model.num_parameters()}))
+print(json.dumps({"load_peak": 1024 * (status("VmHWM") - before), "fp32": 4 * model.num_parameters()}))
 """
 
 
@@ -401,3 +409,42 @@ def test_smollm2_load_peak_memory(smollm_file, mode):
     largest = max(4 * int(np.prod(t.shape)) for t in GGUFCheckpoint(smollm_file).tensor_infos().values())
     limit = result["fp32"] + largest if mode == "fp32" else 1.3 * smollm_file.stat().st_size
     assert result["load_peak"] <= limit, (result, limit)
+
+
+def test_deferred_init_records_in_its_thread_only():
+    import threading
+
+    from deltaformer.checkpoints.gguf import deferred_init
+
+    original = torch.nn.init.normal_
+    other: list[torch.Tensor] = []
+    with deferred_init() as calls:
+        torch.manual_seed(0)
+        mine = torch.nn.Linear(4, 3)
+        worker = threading.Thread(target=lambda: other.append(torch.nn.init.normal_(torch.zeros(50))))
+        worker.start()
+        worker.join()
+        with deferred_init() as inner:
+            torch.nn.Embedding(5, 2)
+    assert torch.nn.init.normal_ is original
+    assert other[0].std() > 0.5  # the other thread's init ran
+    assert [c.fn.__name__ for c in calls] == ["kaiming_uniform_", "uniform_"] and len(inner) == 1
+    calls[0].replay()
+    assert mine.weight.abs().max() <= 0.5 and mine.weight.std() > 0  # kaiming bound 1/sqrt(4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_gguf_of_a_packed_load(tmp_path, tied):
+    """A packed load saved in its own type is the file's tensors byte for byte; in another type, its weights."""
+    model = _tiny_llama(tie_word_embeddings=tied)
+    path = save_gguf(model, tmp_path / "a.gguf", "Q4_1")
+    packed = LlamaForCausalLM.from_pretrained(path, keep_packed=True)
+    again = save_gguf(packed, tmp_path / "b.gguf", "Q4_1")
+    first, second = GGUFCheckpoint(path), GGUFCheckpoint(again)
+    assert first.tensor_types() == second.tensor_types()
+    for name in first.tensor_infos():
+        assert torch.equal(first.raw(name).data, second.raw(name).data), name
+    wide = LlamaForCausalLM.from_pretrained(save_gguf(packed, tmp_path / "c.gguf", "F32"))
+    dense = LlamaForCausalLM.from_pretrained(path)
+    for (name, mine), (_, theirs) in zip(wide.hf_state_dict().items(), dense.hf_state_dict().items(), strict=True):
+        assert torch.equal(mine, theirs), name

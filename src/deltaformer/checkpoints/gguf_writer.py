@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, RopeScalingType, quants
+from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from .gguf import permute_rotary
@@ -44,7 +45,10 @@ def gguf_name(hf_name: str) -> str:
 
 
 def save_gguf(model: Any, path: str | Path, tensor_type: str = "F16", tokenizer: Any = None) -> Path:
-    """Write ``model`` (a Llama model of deltaformer; merge deltas first) to ``path`` in ``tensor_type``."""
+    """Write ``model`` (a Llama model of deltaformer; merge deltas first) to ``path`` in ``tensor_type``.
+
+    Quantized and packed layers are written from their dequantized weights; a packed GGUF layer already in
+    ``tensor_type`` is written as its own bytes (a packed load saved again is the same file's tensors)."""
     if tensor_type not in WRITE_TYPES:
         raise CheckpointError(f"tensor_type {tensor_type!r} cannot be written: use one of {', '.join(WRITE_TYPES)}")
     config = model.config
@@ -58,15 +62,21 @@ def save_gguf(model: Any, path: str | Path, tensor_type: str = "F16", tokenizer:
         _write_config(writer, config)
         if tokenizer is not None:
             _write_tokenizer(writer, tokenizer)
-        for hf, tensor in model.hf_state_dict().items():
+        for hf, tensor in _hf_weights(model).items():
             if hf.endswith("lm_head.weight") and config.tie_word_embeddings:
                 continue
             name = gguf_name(hf)
-            weight = tensor.detach().float().cpu()
-            if ".attn_q." in name:
-                weight = permute_rotary(weight, config.num_attention_heads)
-            elif ".attn_k." in name:
-                weight = permute_rotary(weight, config.num_key_value_heads)
+            heads = (config.num_attention_heads if ".attn_q." in name
+                     else config.num_key_value_heads if ".attn_k." in name else None)
+            layer: Any = tensor if isinstance(tensor, nn.Module) else None
+            if layer is not None and getattr(layer, "qtype", None) == qtype:  # packed in this type: its own bytes
+                rows = (layer.packed_rows if hasattr(layer, "packed_rows") else layer.packed).cpu()
+                rows = rows if heads is None else permute_rotary(rows, heads).contiguous()
+                writer.add_tensor(name, rows.numpy(), raw_dtype=qtype)
+                continue
+            weight = (layer.dequantize() if layer is not None else cast(Tensor, tensor)).detach().float().cpu()
+            if heads is not None:
+                weight = permute_rotary(weight, heads)
             data, kind = _pack(name, weight.numpy(), qtype)
             writer.add_tensor(name, data, raw_dtype=kind)
         writer.write_header_to_file()
@@ -76,6 +86,23 @@ def save_gguf(model: Any, path: str | Path, tensor_type: str = "F16", tokenizer:
 
     atomic_write(path, write)
     return path
+
+
+def _hf_weights(model: Any) -> dict[str, Tensor | nn.Module]:
+    """The model's weights by HF name; a packed layer (anything with ``dequantize()``: a quantized linear, a
+    packed GGUF layer) stands for its ``.weight`` in place of its buffers."""
+    state: dict[str, Tensor | nn.Module] = dict(model.hf_state_dict())
+    name_map = model.name_map()
+    for path, module in model.named_modules():
+        if not path or not callable(getattr(module, "dequantize", None)):
+            continue
+        hf = name_map.to_hf(f"{path}.weight")
+        if hf is None:
+            raise CheckpointError(f"no HF name for the packed layer {path}")
+        prefix = hf[: -len("weight")]
+        state = {k: v for k, v in state.items() if not k.startswith(prefix) or k == prefix + "bias"}
+        state[hf] = module
+    return state
 
 
 def _pack(name: str, array: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
