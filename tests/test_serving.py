@@ -346,3 +346,144 @@ def test_cli_serve_binds_localhost_and_answers(setup, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert "serving tiny, tiny:lora on http://127.0.0.1:" in out
+
+
+def wait_health(url: str, key: str, value: int = 0, limit: float = 10) -> dict:
+    """/health once ``key`` reads ``value`` (or the last one after ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    health = httpx.get(f"{url}/health").json()
+    while health[key] != value and time.monotonic() < deadline:
+        time.sleep(0.01)
+        health = httpx.get(f"{url}/health").json()
+    return health
+
+
+def test_ignore_eos_decodes_exactly_max_tokens(setup):
+    """The model's end token is made the third greedy token: a plain request stops there, one with
+    ignore_eos decodes all max_tokens, the same tokens generate makes with no end token."""
+    model = tiny_llama(len(setup["tokenizer"]))
+    model.load_state_dict(setup["base_state"])
+    ids = setup["tokenizer"].encode("the quick brown")
+    free = generate(model, torch.tensor([ids]), config=GenerationConfig(max_new_tokens=12, eos_token_id=[],
+                                                                        pad_token_id=0))[0, len(ids):].tolist()
+    end = next(i for i in range(1, 12) if free[i] not in free[:i])
+    model.config.eos_token_id = free[end]
+    with BackgroundServer(serve_model(setup, model)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        plain = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=12, temperature=0)
+        assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens == end + 1
+        for stream in (False, True):
+            body = dict(model="tiny", prompt="the quick brown", max_tokens=12, temperature=0,
+                        extra_body={"ignore_eos": True})
+            if stream:
+                chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+                text = "".join(c.choices[0].text for c in chunks if c.choices)
+                reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+                tokens = chunks[-1].usage.completion_tokens
+            else:
+                answer = client.completions.create(**body)
+                text, reason = answer.choices[0].text, answer.choices[0].finish_reason
+                tokens = answer.usage.completion_tokens
+            assert (text, reason, tokens) == (setup["tokenizer"].decode(free, skip_special_tokens=True), "length", 12)
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick"}],
+                                              max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 9 and chat.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+            client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"ignore_eos": "yes"})
+
+
+def error_of(reply: httpx.Response, status: int, kind: str, code: str | None = None) -> dict:
+    """OpenAI's error JSON: exactly message, type, param and code, with this status, type and code."""
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    body = reply.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert error["message"] and error["type"] == kind and (code is None or error["code"] == code), error
+    return error
+
+
+def test_limits_answer_in_openai_error_json(setup):
+    """Every limit (queue, body size, max_tokens, prompt length, prompts per request, stop strings) answers
+    with its status in OpenAI's error JSON, which the openai client maps to its exceptions."""
+    service = serve_model(setup, tiny_llama(len(setup["tokenizer"]), seed=3, context=1024), max_batch=1,
+                          max_queue=1, max_tokens_limit=900, max_prompt_tokens=64, max_body_bytes=2048)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with BackgroundServer(service) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+        def post(body: dict | bytes, **kw) -> httpx.Response:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return httpx.post(f"{url}/v1/completions", content=data, timeout=30,
+                              headers={**auth, "Content-Type": "application/json"}, **kw)
+
+        big = {"model": "tiny", "prompt": "x" * 3000, "max_tokens": 2}
+        error_of(post(big), 413, "invalid_request_error", "body_too_large")
+        chunked = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
+                             content=(json.dumps(big).encode()[i:i + 500] for i in range(0, 3100, 500)))
+        assert "content-length" not in chunked.request.headers
+        error_of(chunked, 413, "invalid_request_error", "body_too_large")
+        cases = [({"max_tokens": 901}, "max_tokens", "max_tokens_exceeded"),
+                 ({"prompt": [5] * 65}, "prompt", "context_length_exceeded"),
+                 ({"prompt": ["a", "b", "c"]}, "prompt", None),
+                 ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+                 ({"max_tokens": 0}, "max_tokens", None)]
+        for change, param, code in cases:
+            error = error_of(post({"model": "tiny", "prompt": "the", "max_tokens": 2, **change}), 400,
+                             "invalid_request_error", code)
+            assert error["param"] == param, (change, error)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny", prompt="the", max_tokens=901)
+        assert caught.value.code == "max_tokens_exceeded" and caught.value.param == "max_tokens"
+        # one decoding, one waiting: the third is 429 (with Retry-After), and the openai client says so
+        running = client.completions.create(model="tiny", prompt="the quick", max_tokens=900, temperature=0,
+                                            stream=True)
+        next(iter(running))
+        waiting = client.completions.create(model="tiny", prompt="the", max_tokens=2, temperature=0, stream=True)
+        assert wait_health(url, "waiting", 1)["waiting"] == 1
+        busy = post({"model": "tiny", "prompt": "the", "max_tokens": 2})
+        error_of(busy, 429, "rate_limit_error", "queue_full")
+        assert busy.headers["retry-after"] == "1"
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert limited.value.code == "queue_full"
+        running.close()
+        text = "".join(c.choices[0].text for c in waiting)  # served once the slot is free
+        assert wait_health(url, "decoding")["decoding"] == 0
+    assert text == expected_tiny(service, "the", 2)
+
+
+def expected_tiny(service: Service, prompt: str, max_tokens: int) -> str:
+    """Greedy text of ``prompt`` on the service's own (bare) model (once its server has stopped)."""
+    ids = service.tokenizer.encode(prompt)
+    out = generate(service.model, torch.tensor([ids]), config=GenerationConfig(max_new_tokens=max_tokens,
+                                                                               eos_token_id=0, pad_token_id=0))
+    new = out[0, len(ids):].tolist()
+    return service.tokenizer.decode(new[:new.index(0)] if 0 in new else new, skip_special_tokens=True)
+
+
+def test_a_queued_request_whose_client_leaves_frees_its_queue_place(setup):
+    """One slot, one queue place: a waiting request whose client gives up (plain or streamed) leaves the
+    queue at once, without decoding, so the next request is queued instead of refused with 429."""
+    service = serve_model(setup, tiny_llama(len(setup["tokenizer"]), seed=3, context=1024), max_batch=1,
+                          max_queue=1, max_tokens_limit=1000)
+    with BackgroundServer(service) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        running = client.completions.create(model="tiny", prompt="the quick", max_tokens=1000, temperature=0,
+                                            stream=True)
+        next(iter(running))
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 5, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the long stream; the client stops waiting
+            httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+        assert wait_health(url, "waiting")["waiting"] == 0
+        queued = client.completions.create(**body, stream=True)  # accepted: the place is free again
+        assert httpx.get(f"{url}/health").json()["waiting"] == 1
+        queued.close()  # a stream closed while it waits frees its place too
+        assert wait_health(url, "waiting")["waiting"] == 0
+        last = client.completions.create(**body, stream=True)
+        assert wait_health(url, "waiting", 1)["waiting"] == 1
+        running.close()
+        text = "".join(c.choices[0].text for c in last)
+        health = wait_health(url, "decoding")
+        assert health["decoding"] == 0 and health["waiting"] == 0
+    assert text == expected_tiny(service, "the", 5)

@@ -12,6 +12,7 @@ import json
 
 from ..errors import ConfigError
 from ..train.seq2seq import SIZES, Seq2SeqSpec, evaluate_seq2seq_run, finetune_seq2seq, is_fresh
+from ..train.trainer import TrainConfig
 
 #: Learning rate of a model trained from scratch when --lr is not given (the fine-tuning defaults are for
 #: pretrained weights).
@@ -28,19 +29,15 @@ def add_seq2seq_args(p: argparse.ArgumentParser) -> None:
                    "trained on the task's training split)")
     g.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of that trained tokenizer")
     g.add_argument("--model-dropout", type=float, default=0.1, help="a fresh Transformer's dropout")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (a quick "
-                   "run)")
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import train_config_from_args
-
+def run_finetune(args: argparse.Namespace, train: TrainConfig) -> int:
+    """``finetune`` for a sequence-to-sequence task; ``train`` is the trainer config the flags give."""
     if args.method != "full":
         raise ConfigError(f"--method {args.method}: sequence-to-sequence tasks train every weight; pass --method full")
     if args.metric not in ("loss", "accuracy"):  # accuracy is the flag's default: it means "not chosen" here
         raise ConfigError("sequence-to-sequence runs keep the checkpoint of lowest validation loss: drop --metric")
-    args.metric = "loss"
-    train = train_config_from_args(args)
+    train.metric = "loss"
     if args.lr is None and is_fresh(args.model):
         train.lr = FRESH_LR
     spec = Seq2SeqSpec(model=args.model, out=args.out, task=args.task, tokenizer=args.tokenizer,

@@ -9,10 +9,11 @@ here, counted against the size limit as they arrive, and parsed strictly (see ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -108,7 +109,7 @@ def create_app(service: Service) -> FastAPI:
         job = service.job(body, prompts, asyncio.get_running_loop())
         service.submit(job)
         if body.stream:
-            return _sse(_completion_stream(service, job, request, body))
+            return _EventStream(_completion_stream(service, job, request, body), service, job)
         texts, reasons, tokens = await _collect(service, job, request)
         return JSONResponse(completion(new_id("cmpl"), job.model, list(zip(texts, reasons)), job.prompt_tokens,
                                        tokens))
@@ -120,7 +121,7 @@ def create_app(service: Service) -> FastAPI:
         job = service.job(body, [prompt], asyncio.get_running_loop())
         service.submit(job)
         if body.stream:
-            return _sse(_chat_stream(service, job, request, body))
+            return _EventStream(_chat_stream(service, job, request, body), service, job)
         texts, reasons, tokens = await _collect(service, job, request)
         return JSONResponse(chat_completion(new_id("chatcmpl"), job.model, texts[0], reasons[0],
                                             job.prompt_tokens, tokens))
@@ -194,22 +195,35 @@ async def _collect(service: Service, job: Job, request: Request) -> tuple[list[s
     return texts, reasons, tokens
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def lines() -> AsyncIterator[str]:
+class _EventStream(StreamingResponse):
+    """Server-sent events that take the job's sequences out of the batch however the response ends: done,
+    the client gone (starlette cancels the stream), a failed send, or the server stopping."""
+
+    def __init__(self, chunks: AsyncGenerator[dict[str, Any], None], service: Service, job: Job) -> None:
+        self.chunks, self.service, self.job = chunks, service, job
+        super().__init__(self._lines(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _lines(self) -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
+            async for chunk in self.chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except ApiError as exc:  # the stream has begun: the status is sent, so the error goes in the stream
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.service.scheduler.cancel(self.job.sequences)  # no-op for sequences that ended
+            with contextlib.suppress(Exception):
+                await self.chunks.aclose()
 
 
 async def _completion_stream(service: Service, job: Job, request: Request,
-                             body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+                             body: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
     rid, tokens = new_id("cmpl"), 0
     async for event in service.events(job, request.is_disconnected):
         if event.text or event.reason is not None:
@@ -220,7 +234,7 @@ async def _completion_stream(service: Service, job: Job, request: Request,
 
 
 async def _chat_stream(service: Service, job: Job, request: Request,
-                       body: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+                       body: ChatRequest) -> AsyncGenerator[dict[str, Any], None]:
     rid, tokens = new_id("chatcmpl"), 0
     yield chat_chunk(rid, job.model, {"role": "assistant", "content": ""}, None)
     async for event in service.events(job, request.is_disconnected):

@@ -46,7 +46,7 @@ class Event:
     error: ApiError | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests may ask the very same thing
 class Sequence:
     """One sequence in flight: what to decode, where its tokens go, how far it has come."""
 
@@ -108,17 +108,20 @@ class Scheduler:
             room = self.settings.max_batch + self.settings.max_queue - busy
             if len(sequences) > room:
                 raise ApiError(429, f"the server is busy ({len(self.live)} decoding, {len(self.waiting)} waiting): "
-                               "retry later", code="queue_full")
+                               "retry later", code="queue_full", headers={"Retry-After": "1"})
             for seq in sequences:
                 seq.stream = IncrementalText(self.tokenizer, seq.stops)
                 self.waiting.append(seq)
             self.lock.notify_all()
 
     def cancel(self, sequences: list[Sequence]) -> None:
-        """The client went away: its sequences leave at the next token boundary."""
+        """The client went away: waiting sequences give up their queue places now, decoding ones leave the
+        batch at the next token boundary (safe to call for sequences that already ended)."""
         with self.lock:
             for seq in sequences:
                 seq.cancelled = True
+            if any(seq.row is None for seq in sequences):
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
             self.lock.notify_all()
 
     async def call(self, fn: Callable[[], Any]) -> Any:

@@ -54,8 +54,9 @@ class StreamOptions(StrictModel):
 
 
 class _Sampling(StrictModel):
-    """Fields both generation endpoints share (OpenAI's names and ranges; top_k, min_p and
-    repetition_penalty are extensions as in vLLM)."""
+    """Fields both generation endpoints share (OpenAI's names and ranges; top_k, min_p,
+    repetition_penalty and ignore_eos are extensions as in vLLM: ignore_eos decodes past end-of-sequence
+    tokens, so only max_tokens or a stop string ends the answer)."""
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -64,6 +65,7 @@ class _Sampling(StrictModel):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    ignore_eos: bool | None = False
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)

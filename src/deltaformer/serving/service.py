@@ -128,8 +128,8 @@ class Service:
             top_p=1.0 if request.top_p is None else request.top_p,
             min_p=request.min_p or None,
             repetition_penalty=request.repetition_penalty or 1.0,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
+            eos_token_id=[] if request.ignore_eos else self.eos,  # [] = no end token (None = the model's)
+            pad_token_id=self.pad if self.pad is not None or not self.eos else self.eos[0],
             stop_strings=list(request.stop or []) or None,
             seed=seed,
         )
