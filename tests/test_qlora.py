@@ -17,7 +17,8 @@ from deltaformer.delta.base import DeltaError
 from deltaformer.delta.wrappers import DeltaQuantLinear
 from deltaformer.models import BertForSequenceClassification, LlamaForCausalLM
 from deltaformer.quant.base import QuantizedLinear
-from deltaformer.quant.layers import quantize
+from deltaformer.quant.layers import QuantLinear, quantize
+from deltaformer.train.methods import _quantize_gguf
 
 from .test_delta_routing import VOCAB, cases, check_outputs, padded_batch, perturb
 
@@ -47,7 +48,10 @@ def bert(scheme: str = "nf4") -> BertForSequenceClassification:
     config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=40, initializer_range=0.2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, extra={"num_labels": 3})
-    return quantize(BertForSequenceClassification(config).eval(), scheme, skip=("classifier",))
+    model = BertForSequenceClassification(config).eval()
+    if scheme == "q4_1":  # GGUF blocks, kept packed (quant.gguf_linear)
+        return _quantize_gguf(model, "Q4_1", ("classifier",))
+    return quantize(model, scheme, skip=("classifier",))
 
 
 def llama(scheme: str = "nf4") -> LlamaForCausalLM:
@@ -115,9 +119,11 @@ def test_every_method_trains_on_a_quantized_base(arch, method):
         assert torch.equal(after[name], value), name
 
 
-@pytest.mark.parametrize("scheme", ["int8", "zeropoint", "llm_int8", "nf4"])
-def test_lora_gradients_through_each_scheme_match_the_dequantized_fp32_base(scheme):
-    """The input gradient through a quantized layer is the one through its dequantized weight."""
+@pytest.mark.parametrize("scheme", ["int8", "zeropoint", "llm_int8", "nf4", "q4_1"])
+def test_lora_gradients_through_each_scheme_match_the_dequantized_fp32_base(scheme, monkeypatch):
+    """The input gradient through a quantized layer is the one through its dequantized weight (the fused bf16
+    kernels layers without an input gradient may use are switched off: this compares the fp32 products)."""
+    monkeypatch.setattr(QuantLinear, "use_kernels", False)
     model = bert(scheme)
     delta.attach(model, delta.LoraConfig(r=4, init=False, targets=("query",), layers=(0,)), "d")
     delta.freeze_base(model)
@@ -152,7 +158,7 @@ ROUTED = ["lora", "ia3", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "prefi
 
 @pytest.mark.parametrize("case", ROUTED)
 def test_routed_batch_on_a_quantized_base_matches_each_sample_alone(case):
-    model = bert("int8")
+    model = bert("q4_1" if case == "lora" else "int8")
     for name, config in zip(("a", "b", "unused"), cases()[case]):
         delta.attach(model, config, name)
     perturb(model)
@@ -265,3 +271,29 @@ def test_a_delta_saved_on_a_quantized_base_reloads_and_predicts_the_same(tmp_pat
     delta.load_delta(fresh, tmp_path / "d")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, want, atol=1e-6, rtol=0)
+
+
+def test_the_qlora_recipe_on_a_llama_classifier_quantizes_all_but_the_head_and_trains():
+    from deltaformer.models import LlamaForSequenceClassification
+    from deltaformer.train.methods import MethodSpec, apply_method
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.1, extra={"num_labels": 2})
+    model = LlamaForSequenceClassification(config)
+    apply_method(model, MethodSpec("qlora"))
+    layers = quantized_layers(model)
+    assert len(layers) == 14 and all(isinstance(m, DeltaQuantLinear) and m.scheme == "nf4" for m in layers)
+    assert type(model.score) is not DeltaQuantLinear and model.score.weight.requires_grad  # the head: fp32, trained
+    ids = torch.randint(3, LLAMA_VOCAB, (4, 9), generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 1, 0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses

@@ -32,7 +32,7 @@ def with_mergeable_deltas(scheme: str):
     return model
 
 
-@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("scheme", ["int8", "nf4", "q4_1"])
 def test_merged_quantized_model_matches_the_delta_within_the_reported_price(scheme):
     model = with_mergeable_deltas(scheme)
     query = model.backbone.layers[0].attn.query

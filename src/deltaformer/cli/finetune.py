@@ -70,8 +70,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "LM on the raw text of --train (blocks of --max-length tokens, default 512 or the context)")
     g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
     g.add_argument("--test", type=Path, help="test file, scored at the end")
-    g.add_argument("--limit", type=int, default=None,
-                   help="keep only the first N examples of each split (quick runs; splits are shuffled)")
     g.add_argument("--text-field", default="text", help="column/key of the text")
     g.add_argument("--pair-field", default=None, help="column/key of a second text (sentence-pair tasks)")
     g.add_argument("--label-field", default="label", help="column/key of the label")
@@ -87,8 +85,8 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
                    help="what to train (qlora: lora on every linear layer of an NF4 base with double quantization)")
     g.add_argument("--quantize", choices=tuple(QUANTIZE), default=None,
                    help="train the delta on a frozen base quantized this way: int8 (per output channel), llm.int8 "
-                   "(int8 products, outlier features in fp32), nf4 / fp4 (4-bit blocks of 64, double quantization); "
-                   "qlora implies nf4")
+                   "(int8 products, outlier features in fp32), nf4 / fp4 (4-bit blocks of 64, double quantization), "
+                   "q4_1 (GGUF's 4-bit blocks of 32 with scale and minimum); qlora implies nf4")
     for name, (option, methods) in all_options().items():
         flag = "--" + name.replace("_", "-")
         defaults = {m: method_options(m)[name].default for m in methods}

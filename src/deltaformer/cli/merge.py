@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.base import PreTrainedModel
-from ..train.methods import MERGEABLE, QUANTIZE, MethodSpec, merge_method, quantize_base
+from ..train.methods import MERGEABLE, QUANTIZE, MethodSpec, layer_scheme, merge_method, quantize_base
 from ..train.runs import LoadedRun, load_run, read_run_info
 
 
@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=tuple(QUANTIZE), default=None,
                    help="report the cost of quantizing the merged weights with this scheme (default: the run's "
                    "own, for a run on a quantized base; another scheme than the run's is refused)")
+    p.add_argument("--packed", action="store_true",
+                   help="save the merge quantized again (quantized.safetensors, reloadable here, the reported price "
+                   "paid) instead of the exact fp32 merge")
     p.add_argument("--held-out", type=int, default=256,
                    help="held-out examples (the run's test data, the first N) the logits are compared on")
 
@@ -59,24 +62,37 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--held-out must be at least 1, got {args.held_out}")
     scheme = args.quantize or trained
     if scheme is None:
+        if args.packed:
+            raise ConfigError("--packed saves the merge quantized: pass --quantize SCHEME for this fp32 run")
         loaded = load_run(args.run_dir)
         model = merge_method(loaded.model, loaded.method)
         _save(model, loaded, args.out, None)
         print(f"merged {method} run {args.run_dir} into a plain checkpoint at {args.out}")
         return 0
-    report = _price(args, info, scheme, trained)
-    loaded = load_run(args.run_dir)
+    if args.packed and "scheme" not in QUANTIZE[scheme]:
+        raise ConfigError(f"--packed writes quantized.safetensors, which holds int8/NF4-style layers, not {scheme}'s "
+                          "GGUF blocks: drop --packed (the exact fp32 merge is saved) and write a GGUF from it")
+    report, requantized, loaded = _price(args, info, scheme, trained)
+    print(report.format())
+    if args.packed:
+        _save(requantized, loaded, args.out, report.to_json(), packed=True)
+        print(f"merged {method} run {args.run_dir} and quantized it again with {scheme}: {args.out} (the price "
+              "above, in merge_report.json beside it)")
+        return 0
+    del requantized
     from ..quant.merge import dequantize_base
 
+    loaded = load_run(args.run_dir)
     model = merge_method(dequantize_base(loaded.model), loaded.method)
     _save(model, loaded, args.out, report.to_json())
-    print(report.format())
     print(f"merged {method} run {args.run_dir} into its dequantized base: a plain fp32 checkpoint at {args.out} "
-          f"(the report, merge_report.json beside it, is what quantizing it again with {scheme} costs)")
+          f"(the report, merge_report.json beside it, is what quantizing it again with {scheme} costs; --packed "
+          "saves that instead)")
     return 0
 
 
-def _price(args: argparse.Namespace, info: dict[str, Any], scheme: str, trained: str | None):
+def _price(args: argparse.Namespace, info: dict[str, Any], scheme: str,
+           trained: str | None) -> tuple[Any, PreTrainedModel, LoadedRun]:
     """Merge into the quantized base and quantize again (an fp32 run: merge, then quantize), with the logits of
     the held-out examples compared before and after."""
     from ..data.collate import PadCollator, encode_examples
@@ -90,12 +106,12 @@ def _price(args: argparse.Namespace, info: dict[str, Any], scheme: str, trained:
                for i in range(0, len(examples), 32)]
     before = qmerge.logits_of(loaded.model, batches)
     if trained is not None:
-        report = qmerge.merge_quantized(loaded.model, scheme=QUANTIZE[trained]["scheme"])
+        report = qmerge.merge_quantized(loaded.model, scheme=layer_scheme(trained))
     else:  # an fp32 run: merge exactly, then quantize with the scheme asked for, reporting that rounding
         model = merge_method(loaded.model, loaded.method)
         report = _quantize_cost(model, scheme)
     report.outputs = qmerge.compare(before, qmerge.logits_of(loaded.model, batches))
-    return report
+    return report, loaded.model, loaded
 
 
 def held_out(info: dict[str, Any], run_dir: Path) -> list:
@@ -121,7 +137,7 @@ def _quantize_cost(model: torch.nn.Module, scheme: str):
 
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantize_base(model, scheme)
-    report = MergeReport(scheme=QUANTIZE[scheme]["scheme"], deltas=["default"])
+    report = MergeReport(scheme=layer_scheme(scheme), deltas=["default"])
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear) and name in weights:
             w = weights.pop(name)
@@ -130,14 +146,20 @@ def _quantize_cost(model: torch.nn.Module, scheme: str):
     return report
 
 
-def _save(model: torch.nn.Module, loaded: LoadedRun, out: Path, report: dict[str, Any] | None) -> None:
+def _save(model: torch.nn.Module, loaded: LoadedRun, out: Path, report: dict[str, Any] | None,
+          packed: bool = False) -> None:
     """Write the checkpoint (and report) to a temporary directory beside ``out``, then move it into place."""
     assert isinstance(model, PreTrainedModel)  # merging unwraps every delta, leaving the plain model
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+        if packed:
+            from ..quant.files import save_quantized
+
+            save_quantized(model, staging, loaded.tokenizer, options={"merged_from": str(loaded.directory)})
+        else:
+            model.save_pretrained(staging)
+            loaded.tokenizer.save_pretrained(staging)
         if report is not None:
             (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if not out.exists():

@@ -97,22 +97,19 @@ class MergeReport:
 
 def requantize(layer: QuantizedLinear, weight: Tensor, bias: Tensor | None) -> QuantizedLinear:
     """A new packed layer holding ``weight`` (and ``bias``) in ``layer``'s scheme with ``layer``'s settings."""
-    if not isinstance(layer, QuantLinear):
-        raise QuantError(f"cannot quantize a merged weight again as a {type(layer).__name__} ({layer.scheme}): "
-                         "merging into this packed format is not supported; merge into an fp32 or QuantLinear base")
+    from .gguf_linear import GGUFLinear
+
     plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
     with torch.no_grad():
         plain.weight.copy_(weight)
         if bias is not None:
             plain.bias.copy_(bias)
-    settings: dict[str, Any] = {"threshold": layer.threshold, "granularity": getattr(layer, "granularity", "channel"),
-                                "group_size": getattr(layer, "group_size", 128)}
-    if hasattr(layer, "blocksize"):
-        settings["blocksize"] = layer.blocksize
-    if layer.granularity == "block":
-        settings["granularity"] = "channel"  # 4-bit schemes are blockwise; the argument is for int8 ones
-    settings["double_quant"] = getattr(layer, "scale_codes", None) is not None
-    return QuantLinear(plain, layer.scheme, **settings)
+    if isinstance(layer, QuantLinear):
+        return QuantLinear.from_spec(layer.spec(), plain)  # the same scheme and settings, these values
+    if isinstance(layer, GGUFLinear):
+        return GGUFLinear.from_linear(plain, layer.qtype)
+    raise QuantError(f"cannot quantize a merged weight again as a {type(layer).__name__} ({layer.scheme}): "
+                     "merge into an fp32, QuantLinear or GGUFLinear base")
 
 
 def base_scheme(model: nn.Module) -> str | None:

@@ -58,6 +58,7 @@ QUANTIZE: dict[str, dict[str, Any]] = {
     "llm.int8": {"scheme": "llm_int8"},  # int8 products, outlier features (|x| >= 6) in fp32
     "nf4": {"scheme": "nf4", "blocksize": 64, "double_quant": True},  # QLoRA's NormalFloat4 + double quantization
     "fp4": {"scheme": "fp4", "blocksize": 64, "double_quant": True},
+    "q4_1": {"gguf": "Q4_1"},  # GGUF's Q4_1 blocks of 32 (scale and minimum per block), kept packed
 }
 #: The option that names the base's quantization (kept with the method options, so run.json records it).
 QUANTIZE_OPTION = "quantize"
@@ -66,6 +67,12 @@ QUANTIZE_OPTION = "quantize"
 def delta_method(name: str) -> str:
     """The delta method a method name trains (a recipe's own method; the name itself otherwise)."""
     return RECIPES[name].method if name in RECIPES else name
+
+
+def layer_scheme(name: str) -> str:
+    """The ``scheme`` the quantized layers of ``--quantize name`` report (``llm.int8`` -> ``llm_int8``)."""
+    settings = QUANTIZE[check_quantize(name)]
+    return str(settings.get("scheme", settings.get("gguf", name))).lower()
 
 
 def check_quantize(name: str) -> str:
@@ -168,7 +175,33 @@ def quantize_base(model: nn.Module, name: str) -> nn.Module:
 
     skip = tuple(head_paths(model))
     output = getattr(model, "output_layer_path", None)
-    return quantize(model, skip=(*skip, output) if output else skip, **QUANTIZE[check_quantize(name)])
+    skip = (*skip, output) if output else skip
+    settings = QUANTIZE[check_quantize(name)]
+    if "gguf" in settings:
+        return _quantize_gguf(model, settings["gguf"], skip)
+    return quantize(model, skip=skip, **settings)
+
+
+def _quantize_gguf(model: nn.Module, qtype: str, skip: tuple[str, ...]) -> nn.Module:
+    """Every plain linear but ``skip`` packed as a GGUF ``qtype`` layer; rows that are no whole number of the
+    type's blocks cannot stay packed row by row, and are refused naming the layer (nothing replaced)."""
+    from gguf import GGML_QUANT_SIZES
+
+    from ..nn.linear import PLAIN_LINEARS
+    from ..quant.gguf_blocks import as_type
+    from ..quant.gguf_linear import GGUFLinear
+
+    block = GGML_QUANT_SIZES[as_type(qtype)][0]
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in PLAIN_LINEARS
+               and not any(n == s or n.endswith("." + s) for s in skip)]
+    for name, module in targets:
+        if module.in_features % block:
+            raise ConfigError(f"layer {name} has rows of {module.in_features} weights, not a multiple of {qtype}'s "
+                              f"blocks of {block}: choose another --quantize (nf4 pads rows)")
+    for name, module in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, GGUFLinear.from_linear(module, qtype))
+    return model
 
 
 def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
