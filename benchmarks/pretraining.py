@@ -99,6 +99,11 @@ def main(argv=None) -> int:
     if "tokenizer" in args.parts:
         emit({"bench": "tokenizer_train", "kind": "wordpiece", "vocab": len(tokenizer), "mb": round(mb, 2),
               "seconds": round(seconds, 2), "mb_per_second": round(mb / seconds, 3)})
+        start = time.perf_counter()
+        bpe = train_tokenizer(segments, "bpe", args.vocab_size)
+        bpe_seconds = time.perf_counter() - start
+        emit({"bench": "tokenizer_train", "kind": "bpe", "vocab": len(bpe), "mb": round(mb, 2),
+              "seconds": round(bpe_seconds, 2), "mb_per_second": round(mb / bpe_seconds, 3)})
     docs = tokenize_documents(tokenizer, documents) if {"speed", "speed-clm", "bert"} & set(args.parts) else []
     if "speed" in args.parts:
         speed(args, tokenizer, docs)
