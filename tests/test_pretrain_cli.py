@@ -61,6 +61,14 @@ def test_continued_pretraining_gives_a_headless_checkpoint_a_tied_mlm_head(tmp_p
 
     model = BertForMaskedLM.from_pretrained(tmp_path / "run" / "model")
     assert model.mlm_head.word_embeddings[0].weight is model.backbone.embeddings.tokens.weight
+    import torch
+
+    from deltaformer.models import BertForSequenceClassification, BertModel
+
+    # the pooler masked LM drops is kept from the source, so the model still fine-tunes as a classifier
+    classifier = BertForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    source = BertModel.from_pretrained(path)
+    assert torch.equal(classifier.backbone.pooler.dense.weight, source.pooler.dense.weight)
 
 
 def test_bad_input(tmp_path, capsys):

@@ -138,8 +138,28 @@ def pretrain(spec: PretrainSpec) -> dict[str, Any]:
     if trainer.env.is_main:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
+        if spec.from_model is not None and spec.objective == "mlm":
+            keep_pooler(spec.from_model, out / "model")
         write_json(out / RESULTS, results)
     return results
+
+
+def keep_pooler(source: str | Path, saved: Path) -> None:
+    """Copy the source checkpoint's pooler (which masked LM neither uses nor trains, so transformers'
+    ``BertForMaskedLM`` drops it) into the saved model, so the model still fine-tunes as a classifier from the
+    [CLS] pooler it had. Loading it as a masked LM reports the pooler as unused, as transformers does."""
+    from ..checkpoints.io import save_state_dict
+
+    pooler = {k: v for k, v in load_state_dict(resolve_path(source)).items() if k.endswith(("pooler.dense.weight",
+                                                                                             "pooler.dense.bias"))}
+    file = saved / "model.safetensors"
+    if not pooler or not file.is_file():
+        return
+    state = load_state_dict(file)
+    prefix = next((k[:-len("embeddings.word_embeddings.weight")] for k in state
+                   if k.endswith("embeddings.word_embeddings.weight")), "")
+    state.update({prefix + k[k.index("pooler."):]: v for k, v in pooler.items()})
+    save_state_dict(state, file, metadata={"format": "pt"})
 
 
 def _tokenizer(spec: PretrainSpec, trained: Path | None = None) -> tuple[Any, str]:
