@@ -12,6 +12,7 @@ Parts (``--parts``, all by default):
 * ``bert``: ``pretrain`` MLM+NSP of the small BERT from scratch, its steps calibrated to ``--pretrain-minutes``
   (MLM and NSP accuracy curves on held-out pairs), then ``finetune --task rt-polarity`` (full) from those
   weights and from random weights of the same architecture.
+* ``compare``: only the rt-polarity comparison, from ``--compare MODEL BASELINE`` (a finished run's model).
 * ``minilm``: continued MLM pretraining of MiniLM (no MLM head shipped: a fresh one, tied to the word
   embeddings): held-out MLM accuracy before and after, rt-polarity before and after, and the MLM-headed model
   saved to ``--save-minilm`` (config, weights, tokenizer, the run's results) for cloze prompts.
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from timing import interleaved_medians
@@ -37,14 +39,14 @@ from timing import interleaved_medians
 from deltaformer.config import BertConfig
 
 CORPORA = ["brown", "bbc-news", "rt-reviews"]
-PARTS = ("tokenizer", "speed", "speed-clm", "bert", "minilm")
+PARTS = ("tokenizer", "speed", "speed-clm", "bert", "minilm", "compare")
 JSONL: list[Path] = []
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--parts", nargs="+", default=list(PARTS[:-1]), choices=PARTS)
     p.add_argument("--jsonl", type=Path, help="also append every record to this file")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -60,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minilm-finetune-epochs", type=int, default=1)
     p.add_argument("--save-minilm", default="~/.cache/deltaformer/runs/minilm-mlm",
                    help="where the MLM-headed MiniLM goes ('' to skip)")
+    p.add_argument("--compare", nargs=2, metavar=("MODEL", "BASELINE"),
+                   help="part compare: rt-polarity from MODEL (a pretraining run's model/) against BASELINE (a model "
+                   "or 'random')")
+    p.add_argument("--compare-label", default="small BERT (4x256)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -85,8 +92,13 @@ def main(argv=None) -> int:
     from deltaformer.data.corpus import load_documents, tokenize_documents
     from deltaformer.tokenizer import train_tokenizer
 
-    if set(args.parts) <= {"minilm"}:  # MiniLM brings its own tokenizer
-        results_minilm(args)
+    if "compare" in args.parts:
+        if not args.compare:
+            raise SystemExit("--parts compare needs --compare MODEL BASELINE")
+        compare(args, args.compare[0], args.compare[1], args.compare_label, args.finetune_epochs, args.finetune_lr)
+    if set(args.parts) <= {"minilm", "compare"}:  # MiniLM brings its own tokenizer
+        if "minilm" in args.parts:
+            results_minilm(args)
         return 0
     documents = load_documents(CORPORA)
     if args.quick:
@@ -99,6 +111,11 @@ def main(argv=None) -> int:
     if "tokenizer" in args.parts:
         emit({"bench": "tokenizer_train", "kind": "wordpiece", "vocab": len(tokenizer), "mb": round(mb, 2),
               "seconds": round(seconds, 2), "mb_per_second": round(mb / seconds, 3)})
+        start = time.perf_counter()
+        bpe = train_tokenizer(segments, "bpe", args.vocab_size)
+        bpe_seconds = time.perf_counter() - start
+        emit({"bench": "tokenizer_train", "kind": "bpe", "vocab": len(bpe), "mb": round(mb, 2),
+              "seconds": round(bpe_seconds, 2), "mb_per_second": round(mb / bpe_seconds, 3)})
     docs = tokenize_documents(tokenizer, documents) if {"speed", "speed-clm", "bert"} & set(args.parts) else []
     if "speed" in args.parts:
         speed(args, tokenizer, docs)
@@ -125,7 +142,7 @@ def stepper(model, batches):
     return step
 
 
-def compare(bench: str, ours, hf, batches, repeats: int, extra: dict) -> None:
+def compare_speed(bench: str, ours, hf, batches, repeats: int, extra: dict) -> None:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     ms = interleaved_medians({"deltaformer": stepper(ours, batches), "transformers": stepper(hf, batches)}, repeats)
     for impl, value in ms.items():
@@ -154,7 +171,7 @@ def speed(args, tokenizer, docs) -> None:
     collate = PretrainingCollator(MaskingVocab.from_tokenizer(tokenizer), tokenizer.pad_token_id,
                                   generator=torch.Generator().manual_seed(0))
     batches = [collate(pairs[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.repeats + 1)]
-    compare("mlm_nsp_step", ours, hf, batches, args.repeats,
+    compare_speed("mlm_nsp_step", ours, hf, batches, args.repeats,
             {"model": "BERT 4x256", "batch": args.batch_size, "max_length": args.max_length,
              "attention": config._attn_implementation})
 
@@ -178,7 +195,7 @@ def speed_clm(args, documents) -> None:
     blocks = chunk_stream(token_stream(tokenizer, ["\n".join(d) for d in documents[:400]]), args.max_length)
     collate = LMCollator(tokenizer.eos_token_id)
     batches = [collate(blocks[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.repeats + 1)]
-    compare("clm_step", ours, hf, batches, args.repeats,
+    compare_speed("clm_step", ours, hf, batches, args.repeats,
             {"model": "GPT-2 6x384", "vocab": len(tokenizer), "batch": args.batch_size, "block": args.max_length,
              "attention": config._attn_implementation})
 
@@ -224,7 +241,7 @@ def results_bert(args, tokenizer, docs) -> None:
     """Small BERT, MLM+NSP from scratch within the time budget, then rt-polarity from it and from random."""
     from deltaformer.data.masking import MaskingVocab
     from deltaformer.data.nsp import PretrainingCollator, make_pairs
-    from deltaformer.models import BertForPreTraining, BertModel
+    from deltaformer.models import BertForPreTraining
     from deltaformer.train.pretrain import SIZES, PretrainSpec, pretrain
     from deltaformer.train.trainer import TrainConfig
 
@@ -252,16 +269,34 @@ def results_bert(args, tokenizer, docs) -> None:
               "pairs": run["pairs"], "skipped_documents": run["skipped_documents"],
               "positive_rate": run["positive_rate"], "validation": run["validation"],
               "curve": eval_curve(out / "pre")})
-        scratch = out / "scratch"
-        model = BertModel.from_pretrained(out / "pre" / "model")
-        torch.manual_seed(args.seed)
-        model.init_weights()
-        model.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        accuracy = {name: rt_polarity(args, base, out / f"ft-{name}", name, args.finetune_epochs, 1e-4)
-                    for name, base in (("pretrained", out / "pre" / "model"), ("random", scratch))}
-        emit({"bench": "rt_polarity_finetune", "model": "small BERT (4x256)", "gain_points": round(
-            100 * (accuracy["pretrained"] - accuracy["random"]), 2), "aim": 5})
+        compare(args, out / "pre" / "model", "random", "small BERT (4x256)", args.finetune_epochs, 1e-4)
+
+
+def compare(args, model: Path | str, baseline: str, label: str, epochs: int, lr: float) -> None:
+    """rt-polarity fine-tuning (full) of ``model`` and of ``baseline`` (a model, or ``random``: the same
+    architecture from random weights), in two processes side by side; emits both accuracies and the gain."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from deltaformer.config import load_config
+    from deltaformer.models import BertModel
+    from deltaformer.models.base import resolve_path
+    from deltaformer.tokenizer import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if baseline == "random":
+            torch.manual_seed(args.seed)
+            scratch = BertModel(cast(BertConfig, load_config(resolve_path(model))))
+            scratch.save_pretrained(out / "random")
+            AutoTokenizer.from_pretrained(model).save_pretrained(out / "random")
+        bases = {"pretrained": str(model), "baseline": str(out / "random") if baseline == "random" else baseline}
+        with ProcessPoolExecutor(2, mp_context=get_context("fork")) as pool:
+            futures = {name: pool.submit(rt_polarity, args, base, out / f"ft-{name}", f"{label}: {name} ({base})",
+                                         epochs, lr) for name, base in bases.items()}
+            accuracy = {name: future.result() for name, future in futures.items()}
+    emit({"bench": "rt_polarity_finetune", "model": label, "baseline": baseline, "gain_points": round(
+        100 * (accuracy["pretrained"] - accuracy["baseline"]), 2), "aim": 5 if baseline == "random" else None})
 
 
 def results_minilm(args) -> None:
@@ -311,11 +346,8 @@ def results_minilm(args) -> None:
                 if (out / "mlm" / name).exists():
                     shutil.copy(out / "mlm" / name, target / f"pretraining-{name}")
             emit({"bench": "continued_mlm_minilm", "saved": str(target)})
-        before = rt_polarity(args, "minilm", out / "ft-minilm", "minilm", args.minilm_finetune_epochs, 5e-5)
-        after = rt_polarity(args, out / "mlm" / "model", out / "ft-minilm-mlm", "minilm+continued-mlm",
-                            args.minilm_finetune_epochs, 5e-5)
-        emit({"bench": "rt_polarity_finetune", "model": "MiniLM-L6-H384", "change_points": round(
-            100 * (after - before), 2)})
+        compare(args, out / "mlm" / "model", "minilm", "MiniLM-L6-H384 after continued MLM",
+                args.minilm_finetune_epochs, 5e-5)
 
 
 if __name__ == "__main__":

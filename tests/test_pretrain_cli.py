@@ -61,6 +61,14 @@ def test_continued_pretraining_gives_a_headless_checkpoint_a_tied_mlm_head(tmp_p
 
     model = BertForMaskedLM.from_pretrained(tmp_path / "run" / "model")
     assert model.mlm_head.word_embeddings[0].weight is model.backbone.embeddings.tokens.weight
+    import torch
+
+    from deltaformer.models import BertForSequenceClassification, BertModel
+
+    # the pooler masked LM drops is kept from the source, so the model still fine-tunes as a classifier
+    classifier = BertForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    source = BertModel.from_pretrained(path)
+    assert torch.equal(classifier.backbone.pooler.dense.weight, source.pooler.dense.weight)
 
 
 def test_bad_input(tmp_path, capsys):
@@ -159,6 +167,11 @@ def test_clm_from_the_command_line_with_a_llama_config_and_bad_configs(tmp_path,
 
     model = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert model.config.vocab_size == 300 and model.config.num_hidden_layers == 1
+    assert main(["pretrain", "--objective", "clm", "--from", str(tmp_path / "run" / "model"), "--text", str(text),
+                 "--max-steps", "1", "--batch-size", "4", "--max-length", "32", "--no-progress", "--out",
+                 str(tmp_path / "more")]) == 0  # continued: the checkpoint's own class and tokenizer
+    more = LlamaForCausalLM.from_pretrained(tmp_path / "more" / "model")
+    assert not bool((more.lm_head.weight == model.lm_head.weight).all())
     assert main(["pretrain", "--objective", "clm", "--config", str(config), "--text", str(text), "--max-length",
                  "128", "--out", str(tmp_path / "r2")]) == 2
     assert f"above the 64 positions of {config}" in capsys.readouterr().err
@@ -168,3 +181,22 @@ def test_clm_from_the_command_line_with_a_llama_config_and_bad_configs(tmp_path,
     assert main(["pretrain", "--objective", "clm", "--config", str(bert), "--text", str(text), "--out",
                  str(tmp_path / "r3")]) == 2
     assert "--objective clm trains decoder LMs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_one_tokenizer_and_store(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text = _corpus(tmp_path / "c.txt", docs=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+         "-m", "deltaformer.cli.main", "pretrain", "--objective", "clm", "--size", "tiny", "--text", str(text),
+         "--vocab-size", "300", "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--device", "cpu",
+         "--no-progress", "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 3 and results["blocks"] > 10
+    assert (tmp_path / "run" / "data" / "tokenizer" / "tokenizer.json").is_file()

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..models.base import PreTrainedModel, resolve_path
 from ..models.bert import BertForMaskedLM, BertForPreTraining
 from .clm import LM_SUFFIXES, causal_lm_class
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .evaluation import _loader, autocast, evaluate_lm, move
 from .finetune import _check_out
 from .seeding import seed_everything
@@ -85,15 +85,29 @@ def pretrain(spec: PretrainSpec) -> dict[str, Any]:
     out = Path(spec.out)
     _check_out(out, spec.resume, spec.overwrite)
     clm = spec.objective == "clm"
+    env = init_distributed(spec.train.device)
     seed_everything(spec.train.seed)  # a fresh model's initialisation is a function of the seed
-    tokenizer, tokenizer_source = _tokenizer(spec)
+    # under torchrun the main process trains the tokenizer and writes the store; the others read them
+    trained_dir = out / DATA / "tokenizer"
+    if env.is_main:
+        tokenizer, tokenizer_source = _tokenizer(spec)
+        if not (spec.tokenizer or spec.from_model):
+            tokenizer.save_pretrained(trained_dir)
+    barrier(env)
+    if not env.is_main:
+        tokenizer, tokenizer_source = _tokenizer(spec, trained_dir)
     vocab = None if clm else MaskingVocab.from_tokenizer(tokenizer, tokenizer_source)
     model = build_model(spec, len(tokenizer), tokenizer)
     positions = model.config.max_position_embeddings
     if spec.max_length > positions:
         raise DataError(f"--max-length {spec.max_length} is above the {positions} positions of {_model_source(spec)}:"
                         " lower --max-length or use a config with more positions")
-    store, corpus = build_store(spec, tokenizer, out / DATA)
+    if env.is_main:
+        store, corpus = build_store(spec, tokenizer, out / DATA)
+    barrier(env)
+    if not env.is_main:
+        store = TokenStore(out / DATA)
+        corpus = json.loads((out / DATA / "corpus.json").read_text(encoding="utf-8"))["counts"]
     order = np.random.default_rng(spec.train.seed).permutation(len(store))
     held = max(1, round(spec.validation_share * len(store)))
     if len(store) - held < 1:
@@ -117,26 +131,49 @@ def pretrain(spec: PretrainSpec) -> dict[str, Any]:
     results = trainer.train(resume=spec.resume)
     if initial is not None:
         results["initial_validation"] = initial
+    results.update({"objective": spec.objective, **corpus, "train_examples": len(train_data),
+                    "validation_examples": len(eval_data), "parameters": model.num_parameters()})
+    if not clm:
+        results["masking"] = asdict(spec.masking)
     if trainer.env.is_main:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-        results.update({"objective": spec.objective, **corpus, "train_examples": len(train_data),
-                        "validation_examples": len(eval_data), "parameters": model.num_parameters()})
-        if not clm:
-            results["masking"] = asdict(spec.masking)
+        if spec.from_model is not None and spec.objective == "mlm":
+            keep_pooler(spec.from_model, out / "model")
         write_json(out / RESULTS, results)
     return results
 
 
-def _tokenizer(spec: PretrainSpec) -> tuple[Any, str]:
+def keep_pooler(source: str | Path, saved: Path) -> None:
+    """Copy the source checkpoint's pooler (which masked LM neither uses nor trains, so transformers'
+    ``BertForMaskedLM`` drops it) into the saved model, so the model still fine-tunes as a classifier from the
+    [CLS] pooler it had. Loading it as a masked LM reports the pooler as unused, as transformers does."""
+    from ..checkpoints.io import save_state_dict
+
+    pooler = {k: v for k, v in load_state_dict(resolve_path(source)).items() if k.endswith(("pooler.dense.weight",
+                                                                                             "pooler.dense.bias"))}
+    file = saved / "model.safetensors"
+    if not pooler or not file.is_file():
+        return
+    state = load_state_dict(file)
+    prefix = next((k[:-len("embeddings.word_embeddings.weight")] for k in state
+                   if k.endswith("embeddings.word_embeddings.weight")), "")
+    state.update({prefix + k[k.index("pooler."):]: v for k, v in pooler.items()})
+    save_state_dict(state, file, metadata={"format": "pt"})
+
+
+def _tokenizer(spec: PretrainSpec, trained: Path | None = None) -> tuple[Any, str]:
     """The tokenizer (given, the ``--from`` model's, or trained on the text: WordPiece for the masked
-    objectives, byte-level BPE for ``clm``) and where it came from, for error messages."""
+    objectives, byte-level BPE for ``clm``; ``trained``: the directory one was saved to) and where it came
+    from, for error messages."""
     from ..tokenizer import AutoTokenizer, train_tokenizer
 
     name = spec.tokenizer or spec.from_model
     if name:
         return AutoTokenizer.from_pretrained(name), f"the tokenizer of {name}"
     kind = "bpe" if spec.objective == "clm" else "wordpiece"
+    if trained is not None:
+        return AutoTokenizer.from_pretrained(trained), f"the {kind} tokenizer trained on the text"
     segments = (s for doc in _counted(iter_documents(spec.text, spec.per_file), spec.text) for s in doc)
     return train_tokenizer(segments, kind, spec.vocab_size), f"the {kind} tokenizer trained on the text"
 
