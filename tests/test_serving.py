@@ -487,3 +487,4 @@ def test_a_queued_request_whose_client_leaves_frees_its_queue_place(setup):
         health = wait_health(url, "decoding")
         assert health["decoding"] == 0 and health["waiting"] == 0
     assert text == expected_tiny(service, "the", 5)
+
