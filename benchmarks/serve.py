@@ -26,6 +26,7 @@ mode stops after ``--time-limit`` s, and each server is stopped when its mode en
 dump mid-load), for finding where a step's time goes; its timings are not results.
 
     python benchmarks/serve.py [--requests 32] [--clients 8] [--tokens 64] [--max-batch 8] [--threads 2]
+                               [--modes lora,mixed,peft]
     python benchmarks/serve.py --quick      # 10 requests, 4 clients, 8 tokens: checks that it all runs
     python benchmarks/serve.py --profile /tmp/prof [--py-spy PATH]
 """
@@ -104,7 +105,7 @@ async def load(url: str, requests: list[dict[str, Any]], clients: int, limit: fl
     """Send ``requests`` from ``clients`` concurrent clients; (answers, latencies, wall seconds)."""
     answers: list[Any] = [None] * len(requests)
     latencies: list[float] = [0.0] * len(requests)
-    todo = asyncio.Queue()
+    todo: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(requests)):
         todo.put_nowait(i)
 
@@ -120,6 +121,18 @@ async def load(url: str, requests: list[dict[str, Any]], clients: int, limit: fl
     start = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=limit)
     return answers, latencies, time.perf_counter() - start
+
+
+def commit() -> str | None:
+    """The checkout's commit (with ``+`` when it has changes), so a result line says what it measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def free_port() -> int:
@@ -232,18 +245,18 @@ def peft_mode(asset: str, dirs: dict[str, Path], names: list[str | None], args: 
         groups.setdefault(names[i % len(names)], []).append(i)
     latencies, tokens = [0.0] * args.requests, 0
     start = time.perf_counter()
-    for name, members in groups.items():
+    for adapter, members in groups.items():
         batch = tokenizer([PROMPTS[i % len(PROMPTS)] for i in members], return_tensors="pt", padding=True)
         # every row decodes all --tokens, as the server's requests do with ignore_eos (min_new_tokens keeps
         # the end token from stopping a row; a batch runs its forwards until its last row ends either way)
         settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                         pad_token_id=tokenizer.pad_token_id)
         with torch.inference_mode():
-            if name is None:
+            if adapter is None:
                 with model.disable_adapter():
                     out = model.generate(**batch, **settings)
             else:
-                model.set_adapter(name)
+                model.set_adapter(adapter)
                 out = model.generate(**batch, **settings)
         tokens += out[:, batch["input_ids"].shape[1]:].numel()
         for i in members:
@@ -262,19 +275,23 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and of peft")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds each mode may take at most")
-    parser.add_argument("--no-peft", action="store_true", help="skip the transformers + peft comparison")
-    parser.add_argument("--no-mixed", action="store_true", help="skip the prefix/prompt-tuning modes")
+    parser.add_argument("--modes", default="lora,mixed,peft",
+                        help="comma-separated: lora (one_at_a_time, batched), mixed (the *_mixed_methods pair), "
+                             "peft (needs lora in the same run: its ratio is to batched)")
     parser.add_argument("--quick", action="store_true", help="10 requests, 4 clients, 8 tokens")
     parser.add_argument("--profile", metavar="DIR", help="profile the batched server with py-spy instead")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable for --profile")
     args = parser.parse_args()
+    modes = set(args.modes.split(","))
+    if not modes <= {"lora", "mixed", "peft"} or ("peft" in modes and "lora" not in modes):
+        parser.error(f"--modes {args.modes}: choose from lora, mixed, peft (peft only with lora)")
     if args.quick:
         args.requests, args.clients, args.tokens, args.max_batch = 10, 4, 8, 4
     torch.set_num_threads(args.threads)
     lora = [None, "lora0", "lora1", "lora2", "lora3"]
     mixed = [None, "lora0", "lora1", "prefix", "prompt"]
     common = {"bench": "serve", "model": args.model, "requests": args.requests, "clients": args.clients,
-              "tokens": args.tokens, "threads": args.threads, "device": "cpu"}
+              "tokens": args.tokens, "threads": args.threads, "device": "cpu", "commit": commit()}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         model = load_ours(args.model)
@@ -283,23 +300,25 @@ def main() -> None:
         if args.profile:
             profile(dirs, lora, args, tmp)
             return
-        reference, ref_texts = serve_mode(dirs, lora, args, 1, tmp)
-        batched, texts = serve_mode(dirs, lora, args, args.max_batch, tmp)
-        batched.update(speedup=round(batched["tokens_per_s"] / reference["tokens_per_s"], 2),
-                       same_answers=texts == ref_texts)
-        print(json.dumps({**common, "mode": "one_at_a_time", "deltas": "4 lora + bare", **reference}), flush=True)
-        print(json.dumps({**common, "mode": "batched", "deltas": "4 lora + bare", **batched}), flush=True)
+        if "lora" in modes:
+            reference, ref_texts = serve_mode(dirs, lora, args, 1, tmp)
+            batched, texts = serve_mode(dirs, lora, args, args.max_batch, tmp)
+            batched.update(speedup=round(batched["tokens_per_s"] / reference["tokens_per_s"], 2),
+                           same_answers=texts == ref_texts)
+            print(json.dumps({**common, "mode": "one_at_a_time", "deltas": "4 lora + bare", **reference}),
+                  flush=True)
+            print(json.dumps({**common, "mode": "batched", "deltas": "4 lora + bare", **batched}), flush=True)
         mixed_line = {**common, "deltas": "2 lora + prefix + prompt + bare"}
-        if refused:
+        if refused and "mixed" in modes:
             print(json.dumps({**mixed_line, "mode": "batched_mixed_methods", "not_run": refused}), flush=True)
-        elif not args.no_mixed:
+        elif "mixed" in modes:
             one_mixed, mixed_ref = serve_mode(dirs, mixed, args, 1, tmp)
             mixed_run, mixed_texts = serve_mode(dirs, mixed, args, args.max_batch, tmp)
             mixed_run.update(speedup=round(mixed_run["tokens_per_s"] / one_mixed["tokens_per_s"], 2),
                              same_answers=mixed_texts == mixed_ref)
             print(json.dumps({**mixed_line, "mode": "one_at_a_time_mixed_methods", **one_mixed}), flush=True)
             print(json.dumps({**mixed_line, "mode": "batched_mixed_methods", **mixed_run}), flush=True)
-        if not args.no_peft:
+        if "peft" in modes:
             result = peft_mode(args.model, dirs, lora, args)
             result.update(batched_speedup_over_peft=round(batched["tokens_per_s"] / result["tokens_per_s"], 2))
             print(json.dumps({**common, "mode": "peft", "deltas": "4 lora + bare", **result}), flush=True)
