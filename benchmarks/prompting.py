@@ -65,8 +65,11 @@ PVP_TEMPLATES = ["{text} It was {mask}.", "Just {mask}! {text}", "{text} All in 
 HELD_OUT = {"rt-polarity": "builtin:-rt-polarity,-rt-reviews", "bbc-news": "builtin:-bbc-news"}
 
 
+START = time.perf_counter()
+
+
 def emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)
+    print(json.dumps({**record, "elapsed_s": round(time.perf_counter() - START, 1)}), flush=True)
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:
@@ -81,6 +84,24 @@ def setup_for(task: str, chat: bool, max_length: int) -> prompting.PromptSetup:
 
 
 LOADED: dict[str, Any] = {}
+GGUF_READS: list[str] = []
+
+
+def read_gguf_once() -> None:
+    """Dequantize each GGUF file once per process: every later load (PET and head runs build fresh models, with
+    fresh deltas, for each seed) copies the same fp32 tensors from memory instead of decoding the file again."""
+    from deltaformer.checkpoints import gguf
+
+    original = gguf.GGUFCheckpoint.hf_tensors
+    memo: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+
+    def hf_tensors(self):
+        if self.path not in memo:
+            GGUF_READS.append(str(self.path))
+            memo[self.path] = list(original(self))
+        return iter(memo[self.path])
+
+    gguf.GGUFCheckpoint.hf_tensors = hf_tensors  # type: ignore[method-assign]
 
 
 def preloaded(model: str) -> Any:
@@ -92,33 +113,46 @@ def preloaded(model: str) -> Any:
     return LOADED[model]
 
 
+ZERO_SHOT: dict[tuple[str, str, bool], dict[str, Any]] = {}
+
+
 def zero_shot(model: str, task: str, chat: bool, args) -> dict[str, Any]:
+    """Raw and calibrated zero-shot accuracy (once per model and task: the instruction rows reuse it)."""
+    if (model, task, chat) not in ZERO_SHOT or (Path(model) / "run.json").is_file():
+        ZERO_SHOT[model, task, chat] = _zero_shot(model, task, chat, args)
+    return ZERO_SHOT[model, task, chat]
+
+
+def _zero_shot(model: str, task: str, chat: bool, args) -> dict[str, Any]:
     r = evaluate_task(TaskEvalSpec(model, task, setup_for(task, chat, args.max_length), calibrate=True,
-                                   limit=args.limit, batch_size=args.batch_size, demo_max_tokens=args.demo_tokens,
+                                   limit=args.limit[task if chat else "mlm"], batch_size=args.batch[task if chat else "mlm"], demo_max_tokens=args.demo_tokens,
                                    preloaded=preloaded(model)))
     return {"accuracy": r["accuracy"], "calibrated": r["calibrated"]["accuracy"], "examples": r["examples"]}
 
 
 def icl(model: str, task: str, k: int, strategy: str, args) -> dict[str, Any]:
-    seeds = range(args.seeds) if strategy == "random" else range(1)  # nearest neighbours do not depend on a seed
-    raw, cal, dropped = [], [], 0
+    seeds = range(args.seeds[task]) if strategy == "random" else range(1)  # nearest neighbours do not depend on a seed
+    raw, cal, dropped, examples = [], [], 0, 0
     for seed in seeds:
         r = evaluate_task(TaskEvalSpec(model, task, setup_for(task, True, args.max_length), shots=k, strategy=strategy,
-                                       seed=seed, calibrate=True, limit=args.limit, batch_size=args.batch_size,
+                                       seed=seed, calibrate=True, limit=args.limit[task], batch_size=args.batch[task],
                                        demo_max_tokens=args.demo_tokens, pool_limit=args.pool,
                                        preloaded=preloaded(model)))
         raw.append(r["accuracy"])
         cal.append(r["calibrated"]["accuracy"])
         dropped += r["dropped_demonstrations"]
-    return {"raw": mean_sd(raw), "calibrated": mean_sd(cal), "dropped_demonstrations": dropped}
+        examples = r["examples"]
+    return {"raw": mean_sd(raw), "calibrated": mean_sd(cal), "dropped_demonstrations": dropped, "examples": examples,
+            "seeds": len(seeds)}
 
 
 def pet(model: str, task: str, seed: int, chat: bool, args, out: Path) -> float:
-    setup = setup_for(task, chat, args.max_length)
+    key = task if chat else "mlm"
+    setup = setup_for(task, chat, args.train_length[key])
     spec = prompting.PetSpec(model, out, task, setup, MethodSpec("lora"), few_shot=32,
-                             train=TrainConfig(epochs=1, max_steps=args.steps, batch_size=8, lr=args.lr, seed=seed,
-                                               warmup_ratio=0.06, progress=False),
-                             test_limit=args.limit, overwrite=True)
+                             train=TrainConfig(epochs=1, max_steps=args.steps[key], batch_size=args.train_batch, lr=args.lr,
+                                               seed=seed, warmup_ratio=0.06, progress=False),
+                             test_limit=args.limit[task if chat else "mlm"], overwrite=True)
     return prompting.train_pet(spec)["test"]["accuracy"]
 
 
@@ -129,16 +163,16 @@ def head(model: str, task: str, seed: int, args, out: Path) -> float:
 
     data = load_task(task)
     train = prompting.pet.few_shot_sample(data.split("train"), 32, seed)
-    test = data.split("test")[:args.limit] if args.limit else data.split("test")
+    test = data.split("test")[:args.limit[task]] if args.limit[task] else data.split("test")
     files = {}
     for name, rows in (("train", train), ("test", test)):
         files[name] = out / f"{name}.jsonl"
         files[name].parent.mkdir(parents=True, exist_ok=True)
         files[name].write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in rows))
     spec = FinetuneSpec(model=model, out=out / "run", method=MethodSpec("lora"), train_file=files["train"],
-                        test_file=files["test"], max_length=args.max_length,
-                        train=TrainConfig(epochs=1, max_steps=args.steps, batch_size=8, lr=args.lr, seed=seed,
-                                          progress=False, eval_every=max(1, args.steps // 5)), overwrite=True)
+                        test_file=files["test"], max_length=args.train_length[task],
+                        train=TrainConfig(epochs=1, max_steps=args.steps[task], batch_size=args.train_batch, lr=args.lr, seed=seed,
+                                          progress=False, eval_every=max(1, args.steps[task] // 5)), overwrite=True)
     return finetune(spec)["test"]["accuracy"]
 
 
@@ -146,13 +180,15 @@ def instructions(model: str, task: str, args, out: Path) -> dict[str, Any]:
     from deltaformer.prompting.sft import InstructionSpec, train_instructions
 
     spec = InstructionSpec(model, out, HELD_OUT[task], MethodSpec("lora"),
-                           TrainConfig(epochs=1, batch_size=4, lr=2e-4, progress=False, max_steps=args.instruction_steps),
-                           max_length=384, per_task=args.per_task, overwrite=True)
+                           TrainConfig(epochs=1, batch_size=4, lr=args.instruction_lr, progress=False,
+                                       max_steps=args.instruction_steps),
+                           max_length=args.instruction_length, per_task=args.per_task, overwrite=True)
     trained = train_instructions(spec)
     before = zero_shot(model, task, True, args)
     after = zero_shot(str(out), task, True, args)
     return {"mixture": HELD_OUT[task], "before": before, "after": after, "steps": trained["steps"],
-            "first_loss": trained["first_loss"], "final_loss": trained["final_loss"]}
+            "first_loss": trained["first_loss"], "final_loss": trained["final_loss"], "lr": args.instruction_lr,
+            "per_task": args.per_task, "sequence_length": args.instruction_length}
 
 
 def routing_speed(model_name: str, args) -> dict[str, Any]:
@@ -190,27 +226,58 @@ def routing_speed(model_name: str, args) -> dict[str, Any]:
             "speedup": ms["sequential"] / ms["routed"], "max_abs_diff": diff}
 
 
+def limits(text: str | None, default: int | None) -> dict[str, int | None]:
+    """``--limit`` (and ``--batch``): one number for every task, or ``task=N,...`` (``mlm=N`` for the masked
+    LM's rows)."""
+    out: dict[str, int | None] = {t: default for t in (*TASKS, "mlm")}
+    for part in (text.split(",") if text else []):
+        name, _, value = part.rpartition("=")
+        for key in ([name] if name else out):
+            if key not in out:
+                raise SystemExit(f"--limit names {key!r}: use one of {', '.join(out)}")
+            out[key] = int(value) or None
+    return out
+
+
+TASKS = ("rt-polarity", "bbc-news")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="causal LM with a chat template")
     p.add_argument("--mlm", default="tiny-mlm", help="masked LM for the cloze rows")
     p.add_argument("--quick", action="store_true", help="tiny settings that prove the script works")
     p.add_argument("--only", default=None, help="comma-separated sections to run")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the causal rows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", default=None, help="test examples scored: N, or task=N,... (0: all)")
+    p.add_argument("--seeds", default=None, help="seeds wherever sampling enters: N, or task=N,...")
+    p.add_argument("--shots", default=None, help="comma-separated k of the ICL rows")
+    p.add_argument("--steps", default=None, help="training steps of the 32-example runs: N, or task=N,...")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-length", default="1024", help="token limit of the 32-example runs' inputs: N, or task=N,...")
+    p.add_argument("--batch", default=None, help="scoring batch: N, or task=N,... (a batch's common prefix runs once)")
+    p.add_argument("--pool", type=int, default=None, help="demonstrations from the first N training examples")
+    p.add_argument("--per-task", type=int, default=None, help="instruction examples per task of the mixture")
+    p.add_argument("--instruction-steps", type=int, default=None)
+    p.add_argument("--instruction-lr", type=float, default=2e-4)
+    p.add_argument("--instruction-length", type=int, default=384, help="token limit of packed instruction sequences")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    read_gguf_once()
     quick = args.quick
-    args.limit = 40 if quick else None
-    args.pool = 400 if quick else None  # demonstrations (and nearest neighbours) from this many training examples
-    args.seeds = 2 if quick else 5
-    args.shots = [4] if quick else [4, 8, 16]
-    args.steps = 20 if quick else 250
+    args.limit = limits(args.limit, 40 if quick else None)
+    args.pool = args.pool or (400 if quick else None)
+    args.seeds = limits(args.seeds, 2 if quick else 5)
+    args.shots = [int(k) for k in args.shots.split(",")] if args.shots else [4] if quick else [4, 8, 16]
+    args.steps = limits(args.steps, 20 if quick else 250)
+    args.train_length = limits(args.train_length, 1024)
     args.lr = 1e-3
-    args.per_task = 20 if quick else 200
-    args.instruction_steps = 10 if quick else None
+    args.per_task = args.per_task or (20 if quick else 200)
+    args.instruction_steps = args.instruction_steps or (10 if quick else None)
     args.max_length = 1024
     args.demo_tokens = 96
-    args.batch_size = 8
+    args.batch = limits(args.batch, 8)
     args.repeats = 3 if quick else 10
     args.speed_batch = 4
     only = set(args.only.split(",")) if args.only else None
@@ -220,20 +287,25 @@ def main() -> None:
 
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="prompting-bench-"))
-    emit({"settings": {k: v for k, v in vars(args).items() if k != "only"}, "device":
-          "cuda" if torch.cuda.is_available() else "cpu", "threads": args.threads})
-    tasks = ("rt-polarity", "bbc-news")
+    emit({"settings": {k: v for k, v in vars(args).items() if k != "only"}, "sections": sorted(only) if only else "all",
+          "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": args.threads})
     if want("mlm"):
         zs = zero_shot(args.mlm, "rt-polarity", False, args)
-        pets = [pet(args.mlm, "rt-polarity", s, False, args, tmp / f"mlm-pet{s}") for s in range(args.seeds)]
-        emit({"section": "mlm", "model": args.mlm, "task": "rt-polarity", "zero_shot": zs, "pet_lora_32": mean_sd(pets)})
+        pets = []
+        for s in range(args.seeds["mlm"]):
+            pets.append(pet(args.mlm, "rt-polarity", s, False, args, tmp / f"mlm-pet{s}"))
+            emit({"section": "run", "row": "mlm_pet", "seed": s, "accuracy": pets[-1]})
+        emit({"section": "mlm", "model": args.mlm, "task": "rt-polarity", "zero_shot": zs,
+              "pet_lora_32": {**mean_sd(pets), "examples": args.limit["mlm"] or len(load_task("rt-polarity").split("test")),
+                              "steps": args.steps["mlm"]}})
     if want("routing_speed"):
         for name in (args.mlm, args.model):
             try:
                 emit({"section": "routing_speed", **routing_speed(name, args)})
             except Exception as exc:  # the causal model may be missing on this checkout: say so, go on
                 emit({"section": "routing_speed", "model": name, "error": f"{type(exc).__name__}: {exc}"})
-    for task in tasks:
+    for task in args.tasks.split(","):
+        n_test = args.limit[task] or len(load_task(task).split("test"))
         if want("zero_shot"):
             r = zero_shot(args.model, task, True, args)
             emit({"section": "zero_shot", "model": args.model, "task": task, **r,
@@ -248,17 +320,22 @@ def main() -> None:
                           "calibration_gain": gain, "sd_cut": sd_cut,
                           "target_met": gain >= 0.03 or (sd_cut is not None and sd_cut >= 0.3)})
         if want("few_shot_32"):
-            pets = [pet(args.model, task, s, True, args, tmp / f"pet-{task}-{s}") for s in range(args.seeds)]
-            heads = [head(args.model, task, s, args, tmp / f"head-{task}-{s}") for s in range(args.seeds)]
+            pets, heads = [], []
+            for s in range(args.seeds[task]):
+                pets.append(pet(args.model, task, s, True, args, tmp / f"pet-{task}-{s}"))
+                heads.append(head(args.model, task, s, args, tmp / f"head-{task}-{s}"))
+                emit({"section": "run", "row": "few_shot_32", "task": task, "seed": s, "pet": pets[-1],
+                      "head": heads[-1]})
             gain = statistics.fmean(pets) - statistics.fmean(heads)
             emit({"section": "few_shot_32", "model": args.model, "task": task, "pet_lora": mean_sd(pets),
-                  "head_lora": mean_sd(heads), "gain": gain, "target_met": gain >= 0.05})
+                  "head_lora": mean_sd(heads), "gain": gain, "target_met": gain >= 0.05, "examples": n_test,
+                  "steps": args.steps[task], "train_batch": args.train_batch, "train_length": args.train_length[task]})
         if want("instructions"):
             r = instructions(args.model, task, args, tmp / f"sft-{task}")
             gain = r["after"]["accuracy"] - r["before"]["accuracy"]
             emit({"section": "instructions", "model": args.model, "task": task, **r, "gain": gain,
                   "target_met": gain > 0})
-    emit({"section": "done", "wall_seconds": round(time.perf_counter() - start, 1)})
+    emit({"section": "done", "wall_seconds": round(time.perf_counter() - start, 1), "gguf_reads": GGUF_READS})
     print(f"scratch runs in {tmp}", file=sys.stderr)
 
 

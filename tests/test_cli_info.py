@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from deltaformer.cli.main import main
 
 from .conftest import make_hf_bert
@@ -57,3 +59,38 @@ def test_info_summarises_attached_deltas(tmp_path, capsys):
     assert summary["modules"]["attn.query"] == summary["modules"]["attn.value"]
     assert main(["info", str(path), "--delta", str(tmp_path / "sst")]) == 0
     assert "lora" in capsys.readouterr().out
+
+
+def _tiny_gguf(tmp_path, tensor_type):
+    from deltaformer.checkpoints.gguf_writer import save_gguf
+    from deltaformer.config import LlamaConfig
+    from deltaformer.models import LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return save_gguf(LlamaForCausalLM(config), tmp_path / "tiny.gguf", tensor_type)
+
+
+def test_info_shows_the_quantization_types_of_a_gguf_file(tmp_path, capsys):
+    path = _tiny_gguf(tmp_path, "Q8_0")
+    assert main(["info", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # 7 matrices per layer and the tied token table in Q8_0; 2 norms per layer and the final norm in F32
+    assert report["gguf"]["tensors"] == {"Q8_0": 2 * 7 + 1, "F32": 2 * 2 + 1}
+    assert sum(report["gguf"]["weights"].values()) == report["parameters"]
+    assert report["gguf"]["weights"]["F32"] == 5 * 64
+    assert main(["info", str(path)]) == 0
+    assert "GGUF tiny.gguf: tensors 15 Q8_0, 5 F32" in capsys.readouterr().out
+    assert main(["info", str(path.parent), "--json"]) == 0  # the folder holding it
+    assert json.loads(capsys.readouterr().out)["gguf"]["tensors"]["Q8_0"] == 15
+
+
+@pytest.mark.assets
+def test_info_smollm2(capsys):
+    assert main(["info", "smollm2-135m", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "LlamaForCausalLM" and report["parameters"] == 134_515_008
+    assert report["gguf"]["tensors"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert main(["info", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert "134.5M parameters" in out and "tensors 210 Q4_1, 61 F32, 1 Q8_0" in out

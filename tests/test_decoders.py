@@ -212,6 +212,11 @@ def test_kv_cache_reorder_crop_and_overflow():
         cache.layer(1).update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
     with pytest.raises(InputError, match="outside the batch"):
         cache.reorder(torch.tensor([5]))
+    before = cache.keys[:, :, :, :3].clone()
+    cache.grow(3)  # room for 3 more positions; what is stored stays
+    assert cache.max_length == 7 and torch.equal(cache.keys[:, :, :, :3], before)
+    cache.layer(1).update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert cache.layer(1).length == 5
 
 
 def test_configs_check_their_fields():

@@ -48,6 +48,24 @@ def test_dequantize_equals_gguf_bit_for_bit(kind):
     assert torch.equal(dequantize(torch.from_numpy(packed.view(np.uint8).copy()), kind, (rows, cols)), ours)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "F16", "F32"])
+def test_dequantize_in_chunks_into_out(kind, monkeypatch):
+    """Unpacking a few blocks at a time, into a given tensor, gives the same bits as one pass."""
+    from deltaformer.quant import gguf_blocks
+
+    rng = np.random.default_rng(1)
+    qtype = GGMLQuantizationType[kind]
+    packed = (_random_k_blocks(kind, 12, rng) if kind in K_QUANTS
+              else quants.quantize(rng.normal(0, 1, size=(6, 512)).astype(np.float32), qtype))
+    whole = dequantize(packed, qtype, (6, 512))
+    monkeypatch.setattr(gguf_blocks, "CHUNK_WEIGHTS", 300)  # not a multiple of any block size
+    out = torch.full((6, 512), float("nan"))
+    assert dequantize(packed, qtype, (6, 512), out=out) is out
+    assert torch.equal(out.view(torch.int32), whole.view(torch.int32))
+    with pytest.raises(CheckpointError, match="cannot unpack"):
+        dequantize(packed, qtype, (6, 512), out=torch.empty(6, 511))
+
+
 def test_every_type_gguf_reads_is_covered():
     assert {t.name for t in SUPPORTED_TYPES} >= set(QUANTIZABLE + K_QUANTS + ["F16", "F32"])
 
@@ -103,6 +121,72 @@ def test_save_gguf_matches_transformers_loader(tmp_path):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
+def _reader_metadata(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, tuple(reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
+               for t in reader.tensors}
+    return metadata, tensors
+
+
+def _our_metadata(path):
+    from deltaformer.checkpoints.gguf import parse_header
+
+    metadata, infos = parse_header(path)
+    return metadata, {n: (t.type.name, t.shape, t.offset, t.nbytes) for n, t in infos.items()}
+
+
+def test_header_parser_equals_gguf_reader(tmp_path):
+    """Our one-pass header parser reads what ``gguf.GGUFReader`` reads: every metadata value and tensor."""
+    import gguf
+
+    model = _tiny_llama()
+    tok_path = tmp_path / "w.gguf"
+    writer = gguf.GGUFWriter(tok_path, "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "ĠbÃ©", "<|im_end|>", ""])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0, 0.0])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_float64("test.f64", 1e-300)
+    writer.add_int64("test.i64", -(2**40))
+    writer.add_bool("test.flag", True)
+    writer.add_custom_alignment(64)
+    writer.add_tensor("token_embd.weight", model.backbone.embeddings.tokens.weight.detach().numpy())
+    writer.add_tensor("output_norm.weight", np.arange(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours, theirs = _our_metadata(tok_path), _reader_metadata(tok_path)
+    assert ours[0].pop("test.nested") == [[1, 2], [3]]  # gguf's reader flattens arrays of arrays (its FIXME)
+    assert theirs[0].pop("test.nested") == [1, 2, 3]
+    assert ours == theirs
+    path = save_gguf(model, tmp_path / "tiny.gguf", "Q4_1")
+    assert _our_metadata(path) == _reader_metadata(path)
+
+
+def test_loading_writes_each_weight_once_and_initialises_only_missing_ones(tmp_path):
+    """Built without init, filled in place: the load equals the tensors; a head the file lacks is initialised
+    the same way under the same seed (and not left as garbage)."""
+    from deltaformer.models import LlamaForSequenceClassification
+
+    model = _tiny_llama()
+    path = save_gguf(model, tmp_path / "tiny.gguf", "Q8_0")
+    checkpoint = GGUFCheckpoint(path)
+    loaded = LlamaForCausalLM.from_pretrained(path)
+    hf = dict(loaded.hf_state_dict())
+    for name, tensor in checkpoint.hf_tensors():
+        assert torch.equal(hf[name], tensor), name
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        heads.append(LlamaForSequenceClassification.from_pretrained(path, num_labels=3, log_report=False)
+                     .score.weight.detach())
+    assert torch.equal(heads[0], heads[1]) and torch.isfinite(heads[0]).all()
+    assert 0.5 * 0.02 < heads[0].std().item() < 2 * 0.02  # normal(0, initializer_range)
+
+
 def test_bad_gguf_files(tmp_path):
     good = save_gguf(_tiny_llama(), tmp_path / "good.gguf", "F32")
     cut = tmp_path / "cut.gguf"
@@ -151,6 +235,12 @@ def smollm_file():
 
 @pytest.mark.assets
 @pytest.mark.slow
+def test_smollm2_header_parser_equals_gguf_reader(smollm_file):
+    assert _our_metadata(smollm_file) == _reader_metadata(smollm_file)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
 def test_smollm2_tokenizer_and_chat_template_equal_transformers(smollm_file):
     transformers = pytest.importorskip("transformers")
     from deltaformer.data.tasks import load_task
@@ -188,3 +278,126 @@ def test_smollm2_logits_equal_transformers_gguf_loader(smollm_file):
         mine = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["attention_mask"].bool()
     assert (theirs[keep] - mine[keep]).abs().max().item() < 1e-4
+
+
+# --- packed GGUF layers ---------------------------------------------------------------------------------------
+
+PACKED = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.mark.parametrize("kind", PACKED + ["Q5_1", "F16"])
+def test_gguf_linear_rows_equal_gguf_bit_for_bit_and_forward_equals_dense(kind):
+    from deltaformer.quant.gguf_linear import GGUFLinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(512, 300)  # 300 rows: two blocks of rows, the last one short
+    layer = GGUFLinear.from_linear(dense, kind)
+    expected = quants.dequantize(layer.packed.numpy(), GGMLQuantizationType[kind]).reshape(300, 512)
+    weight = layer.dequantize()
+    assert torch.equal(weight.view(torch.int32), torch.from_numpy(np.ascontiguousarray(expected)).view(torch.int32))
+    assert torch.equal(layer.rows(7, 290), weight[7:290]) and torch.equal(layer.weight, weight)
+    assert layer.scheme == kind.lower() and not any(p.requires_grad for p in layer.parameters())
+    x = torch.randn(3, 5, 512, requires_grad=True)
+    y = layer(x)
+    reference = torch.nn.functional.linear(x, weight, dense.bias.detach())
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=0)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (want,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gguf_embedding_and_bad_packed_shapes():
+    from deltaformer.errors import QuantError
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear, pack_rows
+
+    table = torch.randn(40, 64)
+    packed = pack_rows(table, "Q8_0")
+    embedding = GGUFEmbedding(packed, "Q8_0", 64)
+    ids = torch.tensor([[3, 0, 39], [3, 3, 7]])
+    assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, embedding.dequantize()))
+    head = GGUFLinear.tied(embedding)
+    assert head.packed_rows is embedding.packed and "packed" not in head.state_dict()
+    with pytest.raises(QuantError, match="do not fill whole Q4_1 blocks"):
+        GGUFLinear(torch.zeros(4, 20, dtype=torch.uint8), "Q4_1", 48)
+    with pytest.raises(QuantError, match=r"must be a \(rows, 40\) uint8"):
+        GGUFLinear(torch.zeros(4, 20, dtype=torch.uint8), "Q4_1", 64)
+    with pytest.raises(QuantError, match="F32 cannot be kept packed"):
+        GGUFLinear(torch.zeros(4, 256, dtype=torch.uint8), "F32", 64)
+
+
+@pytest.mark.parametrize("tensor_type, tied", [("Q4_1", False), ("Q8_0", True), ("F16", False)])
+def test_keep_packed_load_equals_fp32_load(tmp_path, tensor_type, tied):
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    model = _tiny_llama(tie_word_embeddings=tied)
+    path = save_gguf(model, tmp_path / "tiny.gguf", tensor_type)
+    dense = LlamaForCausalLM.from_pretrained(path)
+    packed = LlamaForCausalLM.from_pretrained(path, keep_packed=True)
+    layers = dict(dense.named_modules())
+    kinds = [type(m) for m in packed.modules()]
+    assert kinds.count(GGUFLinear) == 2 * 7 + 1 and kinds.count(GGUFEmbedding) == 1
+    for name, module in packed.named_modules():
+        if isinstance(module, GGUFLinear | GGUFEmbedding):
+            assert torch.equal(module.dequantize(), layers[name].weight), name
+    assert isinstance(packed.lm_head, GGUFLinear) and (packed.lm_head.packed_rows is
+                                                       packed.backbone.embeddings.tokens.packed) == tied
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(CheckpointError, match="keep_packed=True needs a GGUF file"):
+        LlamaForCausalLM.from_pretrained(dense.save_pretrained(tmp_path / "hf"), keep_packed=True)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_smollm2_packed_load_equals_fp32_load(smollm_file):
+    from deltaformer.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    dense = LlamaForCausalLM.from_pretrained("smollm2-135m")
+    packed = LlamaForCausalLM.from_pretrained("smollm2-135m", keep_packed=True)
+    layers = dict(dense.named_modules())
+    checked = 0
+    for name, module in packed.named_modules():
+        if isinstance(module, GGUFLinear | GGUFEmbedding):
+            assert torch.equal(module.dequantize().view(torch.int32), layers[name].weight.view(torch.int32)), name
+            checked += 1
+    assert checked == 30 * 7 + 2
+    tok = AutoTokenizer.from_pretrained("smollm2-135m")
+    batch = tok(["The capital of France is", "a gripping, funny and moving film about two brothers"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = packed(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reference = dense(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    assert (ours[keep] - reference[keep]).abs().max().item() < 1e-4
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from deltaformer.models import LlamaForCausalLM
+before = int(open("/proc/self/statm").read().split()[1]) * 4096
+model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_packed=sys.argv[2] == "packed")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"load_peak": peak - before, "fp32": 4 * model.num_parameters()}))
+"""
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "packed"])
+def test_smollm2_load_peak_memory(smollm_file, mode):
+    """Peak RSS of a load (fresh process, above what it held before): fp32 at most the fp32 model plus its largest
+    tensor; packed at most 1.3x the file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(smollm_file), mode], capture_output=True,
+                         text=True, env=env, check=True, timeout=600).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    largest = max(4 * int(np.prod(t.shape)) for t in GGUFCheckpoint(smollm_file).tensor_infos().values())
+    limit = result["fp32"] + largest if mode == "fp32" else 1.3 * smollm_file.stat().st_size
+    assert result["load_peak"] <= limit, (result, limit)

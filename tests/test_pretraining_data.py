@@ -146,3 +146,27 @@ def test_pretraining_loss_equals_transformers(tmp_path):
         expected = hf(**batch).loss
         got = ours(**batch).loss
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_training_runs_the_mlm_head_on_picked_positions_only_with_the_same_loss_and_gradients(tmp_path):
+    hf, path = make_hf_bert(tmp_path, "BertForPreTraining", hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    ours = BertForPreTraining.from_pretrained(path)
+    docs = [[[t % 90 + 5 for t in seg] for seg in doc] for doc in _documents(20)]
+    pairs = make_pairs(docs, 32, cls_token_id=2, sep_token_id=3, seed=0)[:8]
+    vocab = MaskingVocab(mask_token_id=4, vocab_size=99, special_ids=SPECIALS)
+    batch = PretrainingCollator(vocab, pad_token_id=0, generator=torch.Generator().manual_seed(0))(pairs)
+    hf.train(), ours.train()
+    expected = hf(**batch).loss
+    out = ours(**batch)
+    picked = int((batch["labels"] != -100).sum())
+    assert out.logits.shape == (picked, 99)  # only the picked positions reach the vocabulary projection
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+    expected.backward()
+    out.loss.backward()
+    torch.testing.assert_close(ours.backbone.embeddings.tokens.weight.grad,
+                               hf.bert.embeddings.word_embeddings.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.mlm_head.bias.grad, hf.cls.predictions.bias.grad, atol=1e-6, rtol=1e-4)
+    ours.eval()
+    with torch.no_grad():
+        assert ours(**batch).logits.shape == (*batch["input_ids"].shape, 99)  # eval: every position

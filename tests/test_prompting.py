@@ -111,6 +111,12 @@ def test_label_word_that_tokenizes_to_nothing(tokenizer):
         renderer(tokenizer, verbalizer={"negative": "bad", "positive": "\x07"})
 
 
+def test_a_label_word_of_two_classes_is_refused(tokenizer):
+    with pytest.raises(PromptError, match="'good' of class 'negative' and 'good' of class 'positive' are the same"):
+        renderer(tokenizer, verbalizer={"negative": ["bad", "good"], "positive": ["great", "good"]})
+    renderer(tokenizer, verbalizer={"negative": ["bad", "bad"], "positive": "good"})  # repeated in one class: fine
+
+
 def test_multi_token_words_get_one_row_per_length(tokenizer):
     r = renderer(tokenizer)
     item = r.render(Example("a good film"))

@@ -54,10 +54,12 @@ def test_answer_continues_the_prompt_with_its_leading_space(tokenizer):
     assert r.word_ids[1] == tokenizer.encode(" awful acting", add_special_tokens=False)
     item = r.render(Example("a dull story"))
     prompt = tokenizer.encode("review: a dull story sentiment:", add_special_tokens=False)
-    for w, row in enumerate(item.rows):
-        assert row == prompt + r.word_ids[w] or tokenizer.decode(row) == "review: a dull story sentiment:" + \
-            tokenizer.decode(r.word_ids[w])
-        assert item.positions[w] == list(range(len(row) - len(r.word_ids[w]) - 1, len(row) - 1))
+    assert len(item.rows) == len({tuple(ids[:-1]) for ids in r.word_ids})  # a row per word less its last token
+    for w, ids in enumerate(r.word_ids):
+        row = item.rows[r.word_row[w]]
+        assert row == prompt + ids[:-1] or tokenizer.decode(row) == "review: a dull story sentiment:" + \
+            tokenizer.decode(ids[:-1])
+        assert item.positions[w] == list(range(len(row) - len(ids), len(row)))
 
 
 @pytest.mark.parametrize("word_reduce", ["sum", "mean"])
@@ -153,9 +155,8 @@ def test_routed_patterns_on_a_decoder_read_their_answers(tokenizer, method, opti
             for n, e in enumerate(data):
                 item = pvp.renderer.render(e)
                 words = []
-                for w, row in enumerate(item.rows):
-                    logp = lm(torch.tensor([row])).logits[0].log_softmax(-1)
-                    ids = pvp.renderer.word_ids[w]
+                for w, ids in enumerate(pvp.renderer.word_ids):
+                    logp = lm(torch.tensor([item.rows[0][:item.positions[w][0] + 1] + ids])).logits[0].log_softmax(-1)
                     words.append(sum(logp[p + pvp.offset, t].item() for p, t in zip(item.positions[w], ids)))
                 per_class = [torch.tensor([s for s, c in zip(words, pvp.renderer.word_class) if c == k]).logsumexp(0)
                              for k in range(2)]
@@ -202,3 +203,77 @@ def test_shared_prompt_scoring_equals_full_rows(tokenizer, method):
     full = prompting.score_rendered(model, rendered, batch_size=2)
     for a, b in zip(shared, full):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_one_token_words_share_the_prompts_row(tokenizer):
+    """Words that differ only in their last token are read from one row: with one-token words, the prompt's."""
+    vocab = tokenizer.get_vocab()
+    single = [w for w in ("a", "the", "it", "was", "is", "i", "s", "t", "e", "o")
+              if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    assert len(single) >= 2, "the test tokenizer spells two of these words with one token"
+    verb = prompting.Verbalizer.parse({"negative": [single[0]], "positive": [single[1]]}, LABELS)
+    r = prompting.PromptRenderer(tokenizer, prompting.Template.parse("review: {text} sentiment: {mask}"), verb,
+                                 "causal", 96)
+    item = r.render(Example("a dull story"))
+    assert r.rows_per_item == 1 and len(item.rows) == 1 and item.positions[0] == item.positions[1]
+    lm = tiny_gpt2(len(vocab))
+    (scores,) = prompting.score_rendered(prompting.PromptModel(lm, [prompting.PVP.build(r)]),
+                                         [prompting.PvpExample((item,))])
+    with torch.no_grad():
+        logp = lm(torch.tensor([item.rows[0]])).logits[0, -1].log_softmax(-1)
+    torch.testing.assert_close(scores[0], logp[[r.word_ids[0][0], r.word_ids[1][0]]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", [None, "lora"])
+def test_a_common_prefix_runs_once_and_scores_equal_full_rows(tokenizer, method):
+    """Queries after the same demonstrations share a prefix: it runs once per pattern, the scores do not move."""
+    from deltaformer.prompting.shared_prompt import common_prefix
+
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    setup = prompting.PromptSetup(["review: {text}", "{text} it was {mask}"], [VERBALIZER], max_length=200,
+                                  class_reduce="logsumexp")
+    model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup, MethodSpec(method) if method else None)
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    demos = [Example("a good film", None, "positive"), Example("a dull story", None, "negative")]
+    data = [Example("the film was good"), Example("a bad movie with a dull story and awful acting"), Example("fun")]
+    rendered = model.render(data, LABELS, [demos] * len(data))
+    batch = model.collator(tokenizer)(rendered)
+    firsts = batch["0.input_ids"][::model.pvps[0].scorer.rows_per_item]
+    assert common_prefix(firsts, batch["0.positions"][:, 0, 0] + 1) >= len(tokenizer.encode("review: a good film"))
+    shared = prompting.score_rendered(model, rendered, batch_size=3)
+    model.share_prompts = False
+    full = prompting.score_rendered(model, rendered, batch_size=3)
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_common_prefix_leaves_every_row_its_last_token():
+    from deltaformer.prompting.shared_prompt import common_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 0], [1, 2, 5, 6]])
+    assert common_prefix(ids, torch.tensor([4, 3, 4])) == 2
+    assert common_prefix(ids[:2], torch.tensor([4, 3])) == 2  # row 1 keeps its last token (3)
+    assert common_prefix(ids[:1], torch.tensor([4])) == 0
+
+
+def test_shared_prompts_train_with_the_gradients_of_full_rows(tokenizer):
+    lm = tiny_gpt2(len(tokenizer.get_vocab()))
+    setup = prompting.PromptSetup(["review: {text}", "{text} it was {mask}"], [VERBALIZER], max_length=200)
+    model = prompting.build_prompt_model(lm, tokenizer, "causal", LABELS, setup, MethodSpec("lora", {"dropout": 0.0}))
+    with torch.no_grad():
+        for p in delta.delta_parameters(lm):
+            p.add_(torch.randn_like(p) * 0.3)
+    demos = [Example("a good film", None, "positive")]
+    data = [Example("the film was good", None, "positive"), Example("a bad movie", None, "negative")]
+    batch = model.collator(tokenizer)(model.render(data, LABELS, [demos, demos]))
+    grads = []
+    for share in (True, False):
+        model.share_prompts = share
+        model.zero_grad()
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in delta.delta_parameters(lm)])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

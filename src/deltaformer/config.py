@@ -428,6 +428,87 @@ class LEDConfig(ModelConfig):
         return data
 
 
+#: ModelConfig fields a TransformerConfig derives from torch.nn.Transformer's names, and never writes out.
+_TRANSFORMER_ALIASES = {
+    "hidden_size": "d_model", "num_hidden_layers": "num_encoder_layers", "num_attention_heads": "nhead",
+    "intermediate_size": "dim_feedforward", "hidden_act": "activation",
+}
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """The original encoder-decoder Transformer (Vaswani et al. 2017), under ``torch.nn.Transformer``'s names.
+
+    One vocabulary for source and target (the paper shares the two embedding tables and, with
+    ``tie_word_embeddings``, the output projection); sinusoidal positions up to ``max_position_embeddings`` on
+    either side; post-LayerNorm layers with a ReLU feed-forward. ``final_norm`` adds the LayerNorm after each
+    stack that ``torch.nn.Transformer`` has (the paper has none). ``label_smoothing`` shapes the training loss.
+    """
+
+    model_type: ClassVar[str] = "transformer"
+    derived: ClassVar[frozenset[str]] = frozenset({*_TRANSFORMER_ALIASES, "initializer_range"})
+
+    hidden_size: int = _derived(512, "d_model")
+    num_hidden_layers: int = _derived(6, "num_encoder_layers")
+    num_attention_heads: int = _derived(8, "nhead")
+    intermediate_size: int = _derived(2048, "dim_feedforward")
+    hidden_act: str = _derived("relu", "activation")
+    initializer_range: float = field(default=0.0, init=False, metadata={"help": "d_model ** -0.5 (derived): the "
+                                                                        "embeddings' init std"})
+
+    vocab_size: int = at_least(32000, 1, help="tokens in the shared source/target vocabulary")
+    d_model: int = at_least(512, 1, help="hidden size")
+    nhead: int = at_least(8, 1, help="attention heads")
+    num_encoder_layers: int = at_least(6, 1, help="encoder layers")
+    num_decoder_layers: int = at_least(6, 1, help="decoder layers")
+    dim_feedforward: int = at_least(2048, 1, help="feed-forward width")
+    activation: str = field(default="relu", metadata={"help": "feed-forward activation"})
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "dropout on the embeddings + "
+                                                  "positions and on each sub-layer's output"})
+    attention_dropout: float = field(default=0.0, metadata={"min": 0, "max": 1, "help": "dropout on attention "
+                                                            "weights (torch.nn.Transformer uses `dropout`)"})
+    layer_norm_eps: float = field(default=1e-5, metadata={"above": 0, "help": "LayerNorm epsilon"})
+    max_position_embeddings: int = at_least(1024, 1, help="longest source or target (sinusoidal positions)")
+    final_norm: bool = field(default=True, metadata={"help": "a LayerNorm after each stack, as torch.nn.Transformer"})
+    scale_embeddings: bool = field(default=True, metadata={"help": "multiply embeddings by sqrt(d_model)"})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "output projection = the embeddings"})
+    label_smoothing: float = field(default=0.1, metadata={"min": 0, "max": 1, "help": "of the training loss"})
+    pad_token_id: int = at_least(0, 0, help="padding token")
+    bos_token_id: int = at_least(1, 0, help="beginning-of-sequence token")
+    eos_token_id: int = at_least(2, 0, help="end-of-sequence token: generation stops there")
+    decoder_start_token_id: int = at_least(1, 0, help="the decoder's first input")
+
+    def __post_init__(self) -> None:
+        for ours, theirs in _TRANSFORMER_ALIASES.items():
+            setattr(self, ours, getattr(self, theirs))
+        self.initializer_range = self.d_model ** -0.5
+        super().__post_init__()
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ConfigError(f"TransformerConfig.{name} {getattr(self, name)} is outside the vocabulary "
+                                  f"(vocab_size {self.vocab_size})")
+
+    @property
+    def max_decoder_position_embeddings(self) -> int:
+        """The decoder's context window (generation reads it): the same positions as the encoder's."""
+        return self.max_position_embeddings
+
+    @classmethod
+    def translate_names(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        for ours, theirs in _TRANSFORMER_ALIASES.items():
+            if ours in data:
+                data.setdefault(theirs, data.pop(ours))
+        data.pop("initializer_range", None)
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for alias in self.derived:
+            data.pop(alias)
+        return data
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` from a model directory (or the file itself) into the right config class."""
     return ModelConfig.from_file(path)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.collate import PadCollator, encode_examples
 from ..data.tabular import Fields, read_table
-from ..data.tasks import SPLITS, TASKS, load_task
+from ..data.tasks import SEQ2SEQ_TASKS, SPLITS, TASKS, load_task
 from ..errors import ConfigError
 from ..train.evaluation import evaluate
 from ..train.runs import load_run, read_run_info
@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR|MODEL", help="run directory (or, with --template, a model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", choices=sorted(TASKS), help="built-in task to score on")
+    src.add_argument("--task", choices=sorted([*TASKS, *SEQ2SEQ_TASKS]), help="built-in task to score on (a "
+                     "sequence-to-sequence run scores its own task: ROUGE)")
     src.add_argument("--test", type=Path, help="labelled .csv/.tsv/.jsonl file (the run's text/label fields)")
     p.add_argument("--split", choices=SPLITS, default="test", help="split of --task (or of the run's task)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -39,9 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows that cannot be scored")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--limit", type=int, default=None, help="prompts: score only the first N examples of the split")
+    p.add_argument("--limit", type=int, default=None, help="prompts, seq2seq runs: score only the first N examples of the split")
     p.add_argument("--max-length", type=int, default=None, help="prompts: tokens per input (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="prompts: seed of the demonstrations")
+    p.add_argument("--beams", type=int, default=None, help="sequence-to-sequence runs: beam width (default: the "
+                   "run's; 1 is greedy)")
     add_template_args(p)
     add_demonstration_args(p)
 
@@ -51,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.template or run_type(str(args.run_dir)) == PROMPT_RUN:
         return run_prompts(args)
+    from ..train.seq2seq import is_seq2seq_run
+
+    if is_seq2seq_run(args.run_dir):
+        from .seq2seq import run_evaluate
+
+        if args.test is not None or args.task not in (None, *SEQ2SEQ_TASKS):
+            raise ConfigError(f"{args.run_dir} is a sequence-to-sequence run: it is scored on its own task (--split)")
+        return run_evaluate(args)
     info = read_run_info(args.run_dir)
     data = info.get("data", {})
     task = args.task or (data.get("task") if args.test is None else None)

@@ -13,9 +13,17 @@ import argparse
 from pathlib import Path
 
 from ..data.tabular import Fields
-from ..data.tasks import TASKS
+from ..data.tasks import SEQ2SEQ_TASKS, TASKS
 from ..train.finetune import FinetuneSpec, finetune
-from ..train.methods import DEFAULT_LR, METHODS, MethodSpec, all_options, method_options
+from ..train.methods import (
+    DEFAULT_LR,
+    METHODS,
+    QUANTIZE,
+    QUANTIZE_OPTION,
+    MethodSpec,
+    all_options,
+    method_options,
+)
 from ..train.schedule import SCHEDULES
 from ..train.trainer import PLOT, TrainConfig
 
@@ -33,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_training_args(p)
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     add_prompt_training_args(p)
+    from .seq2seq import add_seq2seq_args
+
+    add_seq2seq_args(p)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -48,7 +59,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (a built-in task, or your own files)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", choices=sorted(TASKS), help="built-in task with fixed 80/10/10 splits")
+    src.add_argument("--task", choices=sorted([*TASKS, *SEQ2SEQ_TASKS]),
+                     help="built-in task with fixed 80/10/10 splits (bbc-headlines: sequence-to-sequence)")
     src.add_argument("--train", type=Path, help="training file (.csv, .tsv or .jsonl; plain .txt with --objective clm)")
     src.add_argument("--instructions", metavar="FILE|builtin[:-TASK]",
                      help="instruction tuning: a JSONL file (instruction/input/output or chat messages per line), or "
@@ -58,6 +70,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "LM on the raw text of --train (blocks of --max-length tokens, default 512 or the context)")
     g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
     g.add_argument("--test", type=Path, help="test file, scored at the end")
+    g.add_argument("--limit", type=int, default=None,
+                   help="keep only the first N examples of each split (quick runs; splits are shuffled)")
     g.add_argument("--text-field", default="text", help="column/key of the text")
     g.add_argument("--pair-field", default=None, help="column/key of a second text (sentence-pair tasks)")
     g.add_argument("--label-field", default="label", help="column/key of the label")
@@ -69,7 +83,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_method_args(p: argparse.ArgumentParser, default: str = "lora") -> None:
     """``--method`` and one flag per method option, built from the methods' config fields."""
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default=default, help="what to train")
+    g.add_argument("--method", choices=METHODS, default=default,
+                   help="what to train (qlora: lora on every linear layer of an NF4 base with double quantization)")
+    g.add_argument("--quantize", choices=tuple(QUANTIZE), default=None,
+                   help="train the delta on a frozen base quantized this way: int8 (per output channel), llm.int8 "
+                   "(int8 products, outlier features in fp32), nf4 / fp4 (4-bit blocks of 64, double quantization); "
+                   "qlora implies nf4")
     for name, (option, methods) in all_options().items():
         flag = "--" + name.replace("_", "-")
         defaults = {m: method_options(m)[name].default for m in methods}
@@ -147,6 +166,9 @@ def method_from_args(args: argparse.Namespace) -> MethodSpec:
 
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise ConfigError(f"{flags} do(es) not apply to --method {args.method}")
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        given[QUANTIZE_OPTION] = quantize
     return MethodSpec(args.method, given)
 
 
@@ -167,7 +189,7 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
         validation_file=args.validation, test_file=args.test,
         fields=Fields(args.text_field, args.pair_field, args.label_field), skip_bad_rows=args.skip_bad_rows,
         max_length=args.max_length, train=train_config_from_args(args), resume=args.resume,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, limit=args.limit,
     )
 
 
@@ -187,8 +209,18 @@ def print_summary(results: dict, out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train.distributed import init_distributed
 
+    if args.task in SEQ2SEQ_TASKS:
+        from .seq2seq import run_finetune
+
+        return run_finetune(args, train_config_from_args(args))
     if args.instructions or args.few_shot or args.template:
         from .prompt_finetune import run_prompt_finetune
+
+        if method_from_args(args).quantize is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError("prompt-based training (--template, --few-shot, --instructions) runs on an fp32 base: "
+                              "drop --quantize (and use lora instead of qlora) there")
 
         return run_prompt_finetune(args, method_from_args(args), train_config_from_args(args))
     if args.objective == "clm":

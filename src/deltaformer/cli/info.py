@@ -1,4 +1,5 @@
-"""``deltaformer info MODEL``: architecture, sizes, parameters per part, and bytes on disk.
+"""``deltaformer info MODEL``: architecture, sizes, parameters per part, and bytes on disk; for a GGUF file, the
+quantization types found in it (tensors and weights per GGML type).
 
 MODEL may also be a run directory of ``deltaformer finetune``; deltas saved with ``save_delta`` (or by peft)
 attach with ``--delta DIR``. Then the trainable-parameter summary per method and module type follows.
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from .. import delta
+from ..checkpoints.gguf import find_gguf, open_gguf
 from ..models.auto import load_model
 from ..models.base import resolve_path
 from ..models.summary import analytic_count, bytes_on_disk, decoder_details, parameter_breakdown
@@ -71,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if decoder is not None:
         report["decoder"] = decoder
         del report["analytic_VH_plus_12LH2"]  # the encoder textbook formula; a decoder's parts are exact above
+    gguf = find_gguf(path) if path.exists() else None
+    if gguf is not None:
+        report["gguf"] = gguf_types(gguf)
     if delta.deltas(model):
         report["deltas"] = delta.trainable_summary(model)
     if args.json:
@@ -94,9 +99,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  analytic V*H + L*12*H^2 = {estimate:,} ({100 * estimate / total:.1f}% of exact): it leaves out "
               "position/segment embeddings, biases, LayerNorms, pooler and heads, and assumes intermediate = 4H")
     print(f"  bytes on disk: {report['bytes_on_disk']:,}")
+    if "gguf" in report:
+        types = report["gguf"]
+        tensors = ", ".join(f"{n} {kind}" for kind, n in types["tensors"].items())
+        weights = ", ".join(f"{_millions(n)} {kind}" for kind, n in types["weights"].items())
+        print(f"  GGUF {Path(types['file']).name}: tensors {tensors}; weights {weights}")
     if "deltas" in report:
         print(delta.format_summary(report["deltas"]))
     return 0
+
+
+def gguf_types(path: Path) -> dict[str, object]:
+    """The GGML types of a GGUF file's tensors: how many tensors, and how many weights, of each."""
+    infos = open_gguf(path).tensor_infos().values()
+    weights: dict[str, int] = {}
+    for info in infos:
+        count = 1
+        for n in info.shape:
+            count *= n
+        weights[info.type.name] = weights.get(info.type.name, 0) + count
+    return {"file": str(path), "tensors": open_gguf(path).type_counts(),
+            "weights": dict(sorted(weights.items(), key=lambda kv: -kv[1]))}
 
 
 def _millions(n: int) -> str:

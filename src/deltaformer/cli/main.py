@@ -26,6 +26,7 @@ VERBS = (
     "generate",
     "chat",
     "merge",
+    "quantize",
     "demo",
     "convert_long",
     "plot_attention",

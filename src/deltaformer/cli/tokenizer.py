@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..data.corpus import TEXT_ASSETS, load_documents
+from ..data.corpus import TEXT_ASSETS, iter_documents
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,18 +24,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.tabular import DataError
     from ..errors import ConfigError
     from ..tokenizer import train_tokenizer
 
     if args.vocab_size < 10:
         raise ConfigError(f"--vocab-size {args.vocab_size} is too small: use at least a few hundred")
-    documents = load_documents(args.text)
-    segments = [s for doc in documents for s in doc]
+    counts = {"documents": 0, "bytes": 0}
+
+    def segments():  # streamed: the corpus is never held whole
+        for doc in iter_documents(args.text):
+            counts["documents"] += 1
+            for segment in doc:
+                counts["bytes"] += len(segment.encode("utf-8"))
+                yield segment
+
     start = time.perf_counter()
-    tokenizer = train_tokenizer(segments, args.kind, args.vocab_size, args.min_frequency, lowercase=not args.cased)
+    tokenizer = train_tokenizer(segments(), args.kind, args.vocab_size, args.min_frequency, lowercase=not args.cased)
     seconds = time.perf_counter() - start
+    if not counts["documents"]:
+        raise DataError(f"{', '.join(args.text)} hold(s) no text: a tokenizer needs some")
     tokenizer.save_pretrained(args.out)
-    mb = sum(len(s.encode("utf-8")) for s in segments) / 2**20
-    print(f"{args.kind} tokenizer of {len(tokenizer)} tokens trained on {len(documents)} documents ({mb:.1f} MB) "
+    mb = counts["bytes"] / 2**20
+    print(f"{args.kind} tokenizer of {len(tokenizer)} tokens trained on {counts['documents']} documents ({mb:.1f} MB) "
           f"in {seconds:.1f} s ({mb / max(seconds, 1e-9):.2f} MB/s); saved in {args.out}")
     return 0

@@ -49,11 +49,11 @@ class MaskingVocab:
     continuation_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> MaskingVocab:
+    def from_tokenizer(cls, tokenizer, name: str = "the tokenizer") -> MaskingVocab:
         """Read them off a tokenizer; a vocabulary without a mask token cannot be used for masked LM."""
         mask = tokenizer.mask_token_id
         if mask is None:
-            raise DataError("the tokenizer has no mask token ([MASK]): masked-LM pretraining needs one; train a "
+            raise DataError(f"{name} has no mask token ([MASK]): masked-LM pretraining needs one; train a "
                             "WordPiece tokenizer (deltaformer tokenizer train --kind wordpiece) or add [MASK]")
         vocab = tokenizer.get_vocab()
         continuation = tuple(sorted(i for token, i in vocab.items() if token.startswith("##")))

@@ -5,13 +5,14 @@ BERT's ``create_pretraining_data``: segments are gathered until they fill the pa
 split point makes A; half of the time B is the rest of the same stretch (label 0, "is next"), otherwise B is
 taken from a random other document (label 1) and the unused segments are read again for the next pair.
 Pairs are ``[CLS] A [SEP] B [SEP]`` with segment ids 0 then 1, cut longest-first to ``max_length``.
-A document of fewer than two segments has no pair in it: it is skipped and counted.
+A document of fewer than two segments has no pair in it: it is skipped and counted. :func:`iter_pairs` makes
+pairs from a stream of documents, holding a bounded window of them (B of a random pair comes from that window).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,59 +53,103 @@ def make_pairs(
     seed: int = 0,
     stats: PairStats | None = None,
 ) -> list[SentencePair]:
-    """Next-sentence pairs of every document (see the module docstring); ``stats`` receives the counts."""
+    """Next-sentence pairs of every document (see the module docstring); ``stats`` receives the counts. B of a
+    random pair may come from any document of the corpus."""
+    return list(iter_pairs(documents, max_length, cls_token_id, sep_token_id, seed, stats, window=len(documents)))
+
+
+def iter_pairs(
+    documents: Iterable[Sequence[Sequence[int]]],
+    max_length: int,
+    cls_token_id: int,
+    sep_token_id: int,
+    seed: int = 0,
+    stats: PairStats | None = None,
+    window: int = 10_000,
+) -> Iterator[SentencePair]:
+    """:func:`make_pairs` over a stream of documents, holding at most ``2 * window`` of them: a document's
+    pairs are made once ``window`` documents after it have been read, and a random B comes from the
+    documents held then (the ``window`` before and after it)."""
     if max_length < 5:
         raise DataError(f"max_length {max_length} leaves no room for two segments and [CLS] [SEP] [SEP]: use 5+")
     stats = stats if stats is not None else PairStats()
-    usable = [i for i, doc in enumerate(documents) if sum(1 for s in doc if len(s)) >= 2]
-    stats.skipped_documents += len(documents) - len(usable)
-    if len(usable) < 2:
-        raise DataError(f"{len(usable)} of {len(documents)} document(s) have two or more segments: next-sentence "
-                        "pairs need at least two such documents (separate documents by blank lines)")
     rng = random.Random(seed)
-    target = max_length - 3
-    pairs: list[SentencePair] = []
-    for index in usable:
-        doc = [list(s) for s in documents[index] if len(s)]
-        chunk: list[list[int]] = []
-        length, i = 0, 0
-        while i < len(doc):
-            chunk.append(doc[i])
-            length += len(doc[i])
-            if (i == len(doc) - 1 or length >= target) and len(chunk) >= 2:
-                a_end = rng.randint(1, len(chunk) - 1)
-                a = [t for s in chunk[:a_end] for t in s]
-                if rng.random() < 0.5:
-                    other = documents[_other(usable, index, rng)]
-                    other = [list(s) for s in other if len(s)]
-                    start = rng.randint(0, len(other) - 1)
-                    b: list[int] = []
-                    for s in other[start:]:
-                        b += s
-                        if len(b) >= target - len(a):
-                            break
-                    i -= len(chunk) - a_end  # the unused segments of this document make the next pair
-                    label = RANDOM_NEXT
-                else:
-                    b = [t for s in chunk[a_end:] for t in s]
-                    label = IS_NEXT
-                a, b = truncate_longest_first(a, b, target)
-                pairs.append(SentencePair([cls_token_id, *a, sep_token_id, *b, sep_token_id],
-                                          [0] * (len(a) + 2) + [1] * (len(b) + 1), label))
-                stats.pairs += 1
-                stats.positives += label == IS_NEXT
-                chunk, length = [], 0
-            elif i == len(doc) - 1:
-                chunk, length = [], 0
-            i += 1
-    return pairs
+    window = max(1, window)
+    held: list[list[list[int]]] = []
+    head = total = usable = 0
+
+    def pairs_at(index: int) -> Iterator[SentencePair]:
+        def other() -> list[list[int]]:
+            while True:
+                pick = rng.randrange(len(held))
+                if pick != index:
+                    return held[pick]
+        yield from _document_pairs(held[index], other, rng, max_length - 3, cls_token_id, sep_token_id, stats)
+
+    for document in documents:
+        total += 1
+        doc = [list(s) for s in document if len(s)]
+        if len(doc) < 2:
+            stats.skipped_documents += 1
+            continue
+        usable += 1
+        held.append(doc)
+        if len(held) - head > window:
+            yield from pairs_at(head)
+            head += 1
+            if head >= window:
+                del held[:head]
+                head = 0
+    if usable < 2:
+        raise DataError(f"{usable} of {total} document(s) have two or more segments: next-sentence pairs need at "
+                        "least two such documents (separate documents by blank lines)")
+    while head < len(held):
+        yield from pairs_at(head)
+        head += 1
 
 
-def _other(usable: list[int], index: int, rng: random.Random) -> int:
-    while True:
-        pick = usable[rng.randrange(len(usable))]
-        if pick != index:
-            return pick
+def _document_pairs(doc: list[list[int]], other: Callable[[], list[list[int]]], rng: random.Random, target: int,
+                    cls_token_id: int, sep_token_id: int, stats: PairStats) -> Iterator[SentencePair]:
+    chunk: list[list[int]] = []
+    length, i = 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if (i == len(doc) - 1 or length >= target) and len(chunk) >= 2:
+            a_end = rng.randint(1, len(chunk) - 1)
+            a = [t for s in chunk[:a_end] for t in s]
+            if rng.random() < 0.5:
+                random_doc = other()
+                start = rng.randint(0, len(random_doc) - 1)
+                b: list[int] = []
+                for s in random_doc[start:]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - a_end  # the unused segments of this document make the next pair
+                label = RANDOM_NEXT
+            else:
+                b = [t for s in chunk[a_end:] for t in s]
+                label = IS_NEXT
+            a, b = truncate_longest_first(a, b, target)
+            stats.pairs += 1
+            stats.positives += label == IS_NEXT
+            yield SentencePair([cls_token_id, *a, sep_token_id, *b, sep_token_id],
+                               [0] * (len(a) + 2) + [1] * (len(b) + 1), label)
+            chunk, length = [], 0
+        elif i == len(doc) - 1:
+            chunk, length = [], 0
+        i += 1
+
+
+def pair_record(pair: SentencePair) -> tuple[list[int], list[int]]:
+    """A pair as a :class:`~deltaformer.data.corpus.TokenStore` example: ids, and (length of segment 0, label)."""
+    return pair.input_ids, [pair.token_type_ids.count(0), pair.next_sentence_label]
+
+
+def pair_from_record(ids: list[int], extra: list[int]) -> SentencePair:
+    """The inverse of :func:`pair_record`."""
+    return SentencePair(ids, [0] * extra[0] + [1] * (len(ids) - extra[0]), extra[1])
 
 
 def truncate_longest_first(a: list[int], b: list[int], total: int) -> tuple[list[int], list[int]]:

@@ -78,7 +78,7 @@ class AdapterPart(LayerPart[AdapterConfig]):
         self.register_buffer("residual_vec", torch.zeros(0), persistent=False)
 
     def add_slot(self, name: str, config: AdapterConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
-        r, like = config.bottleneck, wrapper.weight
+        r, like = config.bottleneck, wrapper.like
         bound = 1 / math.sqrt(self.dim)
         rows = {
             "down": kaiming_rows(r, self.dim, like), "down_bias": like.new_empty(r).uniform_(-bound, bound),

@@ -49,7 +49,7 @@ class BitFitPart(LayerPart[BitFitConfig]):
         self.dim = wrapper.out_features
 
     def add_slot(self, name: str, config: BitFitConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
-        like = wrapper.bias if wrapper.bias is not None else wrapper.weight
+        like = wrapper.bias if wrapper.bias is not None else wrapper.like
         self.stack_add(name, {"delta": like.new_zeros(self.dim).detach()})
 
     def on_output(self, x: Tensor, y: Tensor, sel: Selection) -> Tensor:

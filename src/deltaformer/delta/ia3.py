@@ -58,9 +58,9 @@ class IA3Part(LayerPart[IA3Config]):
             side = "input" if self.feedforward else "output"
             raise DeltaError(f"IA3 deltas on one module must scale the same side; earlier ones scale its {side}: "
                              "give this delta the same feedforward modules")
-        row = wrapper.weight.new_ones(self.dim)
+        row = wrapper.like.new_ones(self.dim)
         if not config.init:
-            row = row + 0.1 * wrapper.weight.new_empty(self.dim).normal_()
+            row = row + 0.1 * wrapper.like.new_empty(self.dim).normal_()
         self.stack_add(name, {"scale": row.detach()})
 
     def on_input(self, x: Tensor, sel: Selection) -> Tensor:

@@ -87,7 +87,7 @@ class LoraPart(LayerPart[LoraConfig]):
 
     def add_slot(self, name: str, config: LoraConfig, wrapper: DeltaWrapper, options: Mapping[str, Any]) -> None:
         rank, alpha = int(options["rank"]), float(options["alpha"])
-        like = wrapper.weight
+        like = wrapper.like
         a = kaiming_rows(rank, self.in_features, like)
         b = kaiming_rows(self.out_features, rank, like) if not config.init else like.new_zeros(self.out_features, rank)
         self.stack_add(name, {"A": a.detach(), "B": b.detach()})

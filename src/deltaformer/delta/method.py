@@ -126,6 +126,8 @@ class WrapperMethod(Method[C], Generic[C, P]):
     def merge(self, model: nn.Module, name: str, sign: float) -> None:
         if not self.mergeable:  # adapters: refuse with the reason, not NotImplementedError from merge_slot
             super().merge(model, name, sign)
+        for _, wrapper, _ in self.parts(model, name):
+            wrapper.check_merge()  # every layer before any changes (a quantized base refuses)
         for _, wrapper, part in self.parts(model, name):
             with torch.no_grad():
                 part.merge_slot(wrapper, part.slot(name), sign)

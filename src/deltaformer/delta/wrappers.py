@@ -3,6 +3,10 @@
 A wrapper keeps the wrapped layer's own ``weight``/``bias`` parameters under the same names, so the base
 state dict, HF name maps and optimizers holding base parameters all keep working. Each method with deltas
 on the layer owns one :class:`LayerPart` in it, applied in :data:`PART_ORDER`.
+
+A quantized linear (any :class:`~deltaformer.quant.base.QuantizedLinear`) is wrapped by :class:`DeltaQuantLinear`:
+its packed tensors stay packed under their own names, its own forward is the base product (dequantized tiles,
+gradient to the input only), and no fp32 copy of its weight is made or kept.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DeltaError
 from ..nn.linear import PLAIN_LINEARS, Linear, linear
+from ..quant.base import QuantizedLinear
 from .config import DeltaConfig
 from .parts import StackedDelta
 from .routing import DeltaRouter, Selection
@@ -73,12 +79,19 @@ class DeltaWrapper(nn.Module):
     weight: Tensor
     bias: Tensor | None  # None for layers without one
 
-    def __init__(self, base: nn.Linear | nn.LayerNorm, router: DeltaRouter) -> None:
+    def __init__(self, base: nn.Module, router: DeltaRouter) -> None:
+        """Subclasses take over ``base``'s tensors (a plain layer's ``weight``/``bias`` under the same names)."""
         super().__init__()
-        self.weight = base.weight
-        self.bias = base.bias
         self.router = router
         self.parts: dict[str, LayerPart[Any]] = {}  # the registered part modules, in PART_ORDER
+
+    @property
+    def like(self) -> Tensor:
+        """A tensor with the dtype and device new delta parameters take (the base weight's)."""
+        return self.weight
+
+    def check_merge(self) -> None:
+        """Raise when deltas cannot be folded into this layer's weights in place (a quantized base)."""
 
     def base_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -147,6 +160,7 @@ class DeltaLinear(DeltaWrapper):
 
     def __init__(self, base: nn.Linear, router: DeltaRouter) -> None:
         super().__init__(base, router)
+        self.weight, self.bias = base.weight, base.bias
         self.in_features = base.in_features
         self.out_features = base.out_features
 
@@ -164,6 +178,7 @@ class DeltaLayerNorm(DeltaWrapper):
 
     def __init__(self, base: nn.LayerNorm, router: DeltaRouter) -> None:
         super().__init__(base, router)
+        self.weight, self.bias = base.weight, base.bias
         self.normalized_shape = base.normalized_shape
         self.eps = base.eps
         self.out_features = base.normalized_shape[-1]
@@ -177,13 +192,72 @@ class DeltaLayerNorm(DeltaWrapper):
         return plain
 
 
+class DeltaQuantLinear(DeltaWrapper):
+    """A wrapped quantized linear: deltas train on a frozen packed base, whose weight stays packed.
+
+    The wrapper shares the quantized layer's parameter and buffer tables (the same dict objects), so its
+    packed tensors keep their names in the state dict, move with ``.to`` and load in place, while the layer
+    itself is held outside the module tree and runs as the base product: one block of dequantized rows at a
+    time, the input gradient through them, no weight gradient. Reading ``weight`` dequantizes (for
+    inspection only); deltas are never merged into it in place (:meth:`check_merge`), since writing the sum
+    back needs quantizing again: :func:`deltaformer.quant.merge.merge_quantized` does that and reports the cost.
+    """
+
+    quantized: QuantizedLinear
+
+    def __init__(self, base: QuantizedLinear, router: DeltaRouter) -> None:
+        super().__init__(base, router)
+        if next(base.children(), None) is not None:
+            raise DeltaError(f"{type(base).__name__} holds submodules; deltas wrap quantized linears whose packed "
+                             "tensors are their own parameters and buffers")
+        object.__setattr__(self, "quantized", base)  # not a submodule: its tensors are the wrapper's (shared tables)
+        self._parameters = base._parameters
+        self._buffers = base._buffers
+        self._non_persistent_buffers_set = base._non_persistent_buffers_set
+        if "bias" not in self._parameters and "bias" not in self._buffers:
+            object.__setattr__(self, "bias", base.bias)
+        self.in_features, self.out_features, self.scheme = base.in_features, base.out_features, base.scheme
+
+    @property
+    def weight(self) -> Tensor:
+        """A dequantized fp32 copy (for inspection: the layer itself stays packed)."""
+        return self.quantized.dequantize()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise DeltaError("a quantized layer's weight is packed and frozen: quantize a new layer instead of setting it")
+
+    @property
+    def like(self) -> Tensor:
+        tensors = [*self._buffers.values(), *self._parameters.values()]
+        device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+        return torch.empty(0, dtype=torch.float32, device=device)
+
+    def check_merge(self) -> None:
+        raise DeltaError(f"this layer's base is quantized ({self.scheme}): a delta cannot be merged into packed "
+                         "weights in place; use deltaformer.quant.merge.merge_quantized (dequantize, merge, quantize "
+                         "again, with the error reported) or `deltaformer merge RUN --out DIR`")
+
+    def output_side(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        return None  # a fused QKV product would concatenate dequantized weights: run the packed product instead
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return self.quantized(x)
+
+    def unwrap(self) -> QuantizedLinear:
+        return self.quantized
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
 WRAPPERS: dict[type, type[DeltaWrapper]] = {
     **{kind: DeltaLinear for kind in PLAIN_LINEARS}, nn.LayerNorm: DeltaLayerNorm}
 
 
 def base_type(module: nn.Module) -> type | None:
     """The plain layer type ``module`` is or wraps (Linear, LayerNorm), or None for anything else."""
-    if isinstance(module, DeltaLinear) or type(module) in PLAIN_LINEARS:
+    if isinstance(module, DeltaLinear | DeltaQuantLinear | QuantizedLinear) or type(module) in PLAIN_LINEARS:
         return nn.Linear
     if isinstance(module, DeltaLayerNorm):
         return nn.LayerNorm
@@ -200,10 +274,15 @@ def wrap(model: nn.Module, path: str, router: DeltaRouter) -> DeltaWrapper:
     module = model.get_submodule(path)
     if isinstance(module, DeltaWrapper):
         return module
-    cls = WRAPPERS.get(type(module))
-    if cls is None or not isinstance(module, (nn.Linear, nn.LayerNorm)):
-        raise DeltaError(f"{path} is a {type(module).__name__}, not a plain Linear/LayerNorm: target another module")
-    wrapper = cls(module, router)
+    wrapper: DeltaWrapper
+    if isinstance(module, QuantizedLinear):
+        wrapper = DeltaQuantLinear(module, router)
+    else:
+        cls = WRAPPERS.get(type(module))
+        if cls is None or not isinstance(module, (nn.Linear, nn.LayerNorm)):
+            raise DeltaError(f"{path} is a {type(module).__name__}, not a plain or quantized Linear/LayerNorm: "
+                             "target another module")
+        wrapper = cls(module, router)
     wrapper.train(module.training)
     parent, child = _parent(model, path)
     setattr(parent, child, wrapper)

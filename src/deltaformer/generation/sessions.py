@@ -121,10 +121,7 @@ class CausalSession:
             raise InputError(f"the model stored {stored} positions for a prompt of {mask.shape[1]} and returned no "
                              "attention_mask covering them: it cannot be decoded incrementally")
         self.mask = mask.long()
-        self.positions = self.mask.sum(-1)
-        prefix_shift = getattr(out, "position_offset", None)
-        if prefix_shift is not None:
-            self.positions = self.positions + prefix_shift
+        self.positions = self.mask.sum(-1)  # a prefix delta's shift is the cache's ``position_offset``
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed each row's newest token (B,); next-token logits."""
@@ -171,6 +168,10 @@ class CausalSession:
             row += n
         for i in range(keys.shape[0]):
             cache.layer(i).update(keys[i], values[i])
+        offsets = [s.cache.position_offset for s in parts]  # prefix tuning's per-row position shift
+        if any(o is not None for o in offsets):
+            cache.position_offset = torch.cat([o if o is not None else m.new_zeros(m.shape[0], 1)
+                                               for o, m in zip(offsets, masks)])
         self.cache, self.mask = cache, mask
         self.positions = torch.cat([s.positions for s in parts])  # type: ignore[misc]
         self.rows = [r for s in parts for r in s.rows]

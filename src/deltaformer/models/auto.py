@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import bert, gpt2, led, llama, longformer  # noqa: F401  (imported to register every architecture)
+from . import bert, gpt2, led, llama, longformer, transformer  # noqa: F401  (imported to register every architecture)
 from .base import PreTrainedModel, read_config, resolve_path
 
 

@@ -16,9 +16,10 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints.gguf import find_gguf, open_gguf
+from ..checkpoints.gguf import deferred_init, find_gguf, load_into, open_gguf
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..checkpoints.names import NameMap, normalize_legacy
+from ..checkpoints.report import LoadReport
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, ConfigError, DeltaError
 
@@ -57,22 +58,6 @@ class HeadOutput(Output):
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     extra_logits: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class LoadReport:
-    """What loading a checkpoint did: weights left at their fresh init, and weights it did not use."""
-
-    missing: list[str]
-    unexpected: list[str]
-
-    def __str__(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"newly initialised (train them): {', '.join(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unused checkpoint weights: {', '.join(self.unexpected)}")
-        return "; ".join(parts) or "all weights loaded"
 
 
 class PreTrainedModel(nn.Module):
@@ -181,13 +166,19 @@ class PreTrainedModel(nn.Module):
     # --- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, log_report: bool = True, **config_changes: Any) -> Self:
+    def from_pretrained(cls, name_or_path: str | Path, *, log_report: bool = True, keep_packed: bool = False,
+                        **config_changes: Any) -> Self:
         """Load an HF model directory (or a known asset name) with exact weights.
 
         ``config_changes`` override config fields, e.g. ``num_labels`` via ``extra`` or dropout rates.
         ``log_report=False`` leaves reporting missing weights to a caller that loads them next (``load_report``).
+        ``keep_packed`` (GGUF files only) keeps quantized linears and embeddings packed (``quant.gguf_linear``).
         """
         path = resolve_path(name_or_path)
+        from ..quant.files import is_quantized, load_quantized
+
+        if is_quantized(path):  # a `deltaformer quantize` directory: its layers stay packed
+            return load_quantized(cls, path, read_config(path), **config_changes)
         gguf = find_gguf(path)
         checkpoint = open_gguf(gguf) if gguf is not None else None
         config = read_config(path)
@@ -202,9 +193,15 @@ class PreTrainedModel(nn.Module):
             config.extra = {**config.extra, "num_labels": num_labels}
             config.extra.pop("id2label", None)
             config.extra.pop("label2id", None)
-        model = cls(config)
-        weights = checkpoint.hf_tensors() if checkpoint is not None else load_state_dict(path)
-        report = model.load_hf_state_dict(weights)
+        if checkpoint is not None:  # built uninitialised, each tensor unpacked into place (checkpoints.gguf)
+            with deferred_init() as pending:
+                model = cls(config)
+            report = load_into(model, checkpoint, keep_packed=keep_packed, pending_init=pending)
+        elif keep_packed:
+            raise CheckpointError(f"keep_packed=True needs a GGUF file; {path} is not one")
+        else:
+            model = cls(config)
+            report = model.load_hf_state_dict(load_state_dict(path))
         if log_report and (report.missing or report.unexpected):
             log.warning("loading %s into %s: %s", path, cls.__name__, report)
         model.load_report = report

@@ -238,6 +238,21 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
 
 
+def mlm_logits_and_loss(head: MLMHead, hidden: Tensor, labels: Tensor | None, training: bool
+                        ) -> tuple[Tensor, Tensor | None]:
+    """The MLM head's logits and loss. Training with labels, the head runs on the labelled positions only
+    (about 15% of them), so the logits are ``(picked, vocab)``: the vocabulary projection is most of a small
+    BERT's step, and the loss is the same. Otherwise logits cover every position, as in transformers."""
+    if labels is None:
+        return head(hidden), None
+    if not training:
+        logits = head(hidden)
+        return logits, mlm_loss(logits, labels)
+    picked = labels.reshape(-1) != -100
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[picked])
+    return logits, F.cross_entropy(logits, labels.reshape(-1)[picked])
+
+
 class BertForMaskedLM(BertTaskModel):
     hf_architecture = "BertForMaskedLM"
     head_rules = _MLM_RULES
@@ -250,8 +265,7 @@ class BertForMaskedLM(BertTaskModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
-        logits = self.mlm_head(out.last_hidden_state)
-        loss = mlm_loss(logits, labels) if labels is not None else None
+        logits, loss = mlm_logits_and_loss(self.mlm_head, out.last_hidden_state, labels, self.training)
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
@@ -270,11 +284,12 @@ class BertForPreTraining(BertTaskModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 next_sentence_label=None, **kwargs) -> HeadOutput:
         out = self.encode(input_ids, attention_mask, token_type_ids, **kwargs)
-        logits = self.mlm_head(out.last_hidden_state)
         nsp_logits = self.nsp_head(out.pooler_output)
-        loss = None
-        if labels is not None and next_sentence_label is not None:
-            loss = mlm_loss(logits, labels) + F.cross_entropy(nsp_logits, next_sentence_label.view(-1))
+        with_loss = labels is not None and next_sentence_label is not None
+        logits, loss = mlm_logits_and_loss(self.mlm_head, out.last_hidden_state, labels if with_loss else None,
+                                           self.training)
+        if loss is not None:
+            loss = loss + F.cross_entropy(nsp_logits, next_sentence_label.view(-1))
         return HeadOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
                           extra_logits={"seq_relationship": nsp_logits})
 

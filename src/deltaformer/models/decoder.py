@@ -59,6 +59,21 @@ def positions_from_mask(attention_mask: Tensor | None, past: int, seq: int, batc
     return positions[:, -seq:]
 
 
+def right_aligned(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows moved right so each ends at the last column (trailing padding becomes leading padding).
+
+    Per-sample soft tokens lay a routed row out as ``[its soft tokens, its input, padding]`` (rows with fewer
+    soft tokens end early); a cache extended one token per step needs every row's newest token last, as left
+    padding gives. Positions come from the mask, so a row keeps the positions it has alone."""
+    trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
+    if not bool(trailing.any()):
+        return embeds, mask
+    width = mask.shape[1]
+    src = (torch.arange(width, device=mask.device)[None, :] - trailing) % width
+    embeds = embeds.gather(1, src[..., None].expand(*src.shape, embeds.shape[-1]))
+    return embeds, mask.gather(1, src)
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; ``-100`` is ignored (padding,
     prompt tokens). Computed in fp32, as Hugging Face does, whatever the logits' dtype."""
@@ -164,6 +179,9 @@ class DecoderModel(PreTrainedModel):
             inputs_embeds, attention_mask, offset = self._prompted(input_ids, inputs_embeds, attention_mask)
             if inputs_embeds.shape[1] != seq:  # soft tokens prepended: the caller's positions no longer line up
                 position_ids = None
+                if cache is not None:  # decoding appends after the last column: every row must end there
+                    inputs_embeds, attention_mask = right_aligned(inputs_embeds, attention_mask)
+                    cache.grow(inputs_embeds.shape[1] - seq)  # the caller sized it for its own tokens
             seq = inputs_embeds.shape[1]
             if cache is not None:
                 cache.position_offset = offset

@@ -68,11 +68,13 @@ class SelfAttention(nn.Module):
         rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         cache: CacheLayer | None = None,
         queries: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``x``: (B, S, dim); ``key_mask``: (B, S_total) bool, True = real token. Returns output and weights.
 
         ``queries``: (B, Sq, dim) inputs of the positions whose outputs are wanted (default ``x``); keys and
         values still come from all of ``x``, so a caller needing a few positions projects only those.
+        ``attn_mask``: a further mask the pattern applies (see :meth:`~deltaformer.nn.patterns.Pattern.attend`).
         """
         if queries is None:
             q, k, v = self.project_qkv(x)
@@ -88,7 +90,7 @@ class SelfAttention(nn.Module):
         extra: ExtraKV | None = self.prefix(x.shape[0]) if self.prefix is not None else None
         out, weights = self.pattern.attend(
             q, k, v, key_mask=key_mask, extra=extra, need_weights=need_weights,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale, attn_mask=attn_mask,
         )
         batch, _, seq, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(batch, seq, -1)), weights

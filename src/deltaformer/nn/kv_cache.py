@@ -112,6 +112,18 @@ class KVCache:
         if self.position_offset is not None:
             self.position_offset = self.position_offset.index_select(0, rows.to(self.position_offset.device))
 
+    def grow(self, n: int) -> None:
+        """Make room for ``n`` more positions (stored ones are kept): a prompt delta's soft tokens take
+        positions the caller did not size the cache for."""
+        if n <= 0:
+            return
+        stored = max(layer.length for layer in self.layers)
+        shape = (*self.keys.shape[:3], self.max_length + n, self.keys.shape[4])
+        keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+        keys[:, :, :, :stored] = self.keys[:, :, :, :stored]
+        values[:, :, :, :stored] = self.values[:, :, :, :stored]
+        self.keys, self.values = keys, values
+
     def crop(self, n: int) -> None:
         """Forget every position from ``n`` on (negative: drop that many from the end)."""
         length = self.length

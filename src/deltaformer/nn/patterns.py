@@ -78,15 +78,18 @@ class Pattern(nn.Module):
         need_weights: bool = False,
         dropout_p: float = 0.0,
         scale: float | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend queries (B, H, Sq, D) to keys/values (B, Hkv, Sk, D); returns (B, H, Sq, D) and weights.
 
         ``key_mask``: (B, Sk) bool, True = real token. Weights are (B, H, Sq, slots + Sk) when asked for.
+        ``attn_mask``: a further mask on top of the pattern, bool (True = visible) or float (added to the
+        scores), broadcastable to (B, H, Sq, slots + Sk): ``torch.nn.MultiheadAttention``'s masks, converted.
         """
         n_heads = q.shape[1]
         slots = extra.key.shape[2] if extra is not None else 0
         k, v, key_mask = join_extra(k, v, key_mask, extra)
-        mask = self._mask(q.shape[2], k.shape[2], slots, key_mask, q.device)
+        mask = combine_masks(self._mask(q.shape[2], k.shape[2], slots, key_mask, q.device), attn_mask)
         if need_weights or explicit_dropout(q, dropout_p):
             out, weights = dense_attention(q, expand_kv_heads(k, n_heads), expand_kv_heads(v, n_heads), mask,
                                            dropout_p, scale)
@@ -107,6 +110,18 @@ class Pattern(nn.Module):
             return None if allowed is None else allowed[None, None]
         padded = key_mask[:, None, None, :]
         return padded if allowed is None else padded & allowed[None, None]
+
+
+def combine_masks(mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """Both masks at once: bool (True = visible) if both are bool, else float (disallowed pairs at -inf)."""
+    if attn_mask is None or mask is None:
+        return mask if attn_mask is None else attn_mask
+    if mask.dtype == torch.bool and attn_mask.dtype == torch.bool:
+        return mask & attn_mask
+    dtype = attn_mask.dtype if attn_mask.is_floating_point() else mask.dtype
+    as_float = [m if m.is_floating_point() else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
+        ~m, float("-inf")) for m in (mask, attn_mask)]
+    return as_float[0] + as_float[1]
 
 
 class Full(Pattern):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .attention import SelfAttention
 from .banded import banded_attention, window_to_dense
 from .linear import PLAIN_LINEARS, Linear
@@ -74,11 +74,15 @@ class SlidingWindow(Pattern):
         need_weights: bool = False,
         dropout_p: float = 0.0,
         scale: float | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Banded fast path; weights come in window layout (B, H, S, slots + window width).
 
         Decoding with a cache (fewer queries than keys) takes the dense path: one row per query is linear.
+        A window takes no further ``attn_mask`` (a (queries x keys) mask is what it avoids).
         """
+        if attn_mask is not None:
+            raise InputError("sliding-window attention takes no attn_mask: mask keys with key_mask")
         if q.shape[2] != k.shape[2]:
             return self.reference(q, k, v, key_mask=key_mask, extra=extra, dropout_p=dropout_p, scale=scale)
         n_heads = q.shape[1]

@@ -93,7 +93,7 @@ class PromptModel(nn.Module):
         self.num_labels = classes.pop()
         self.config = getattr(lm, "config", None)
         self.train(lm.training)  # a model loaded for scoring stays in eval mode (no dropout)
-        #: causal LMs without gradients: each prompt runs once, every label word from its cache (shared_prompt.py)
+        #: causal LMs: each prompt runs once, every label word from its cache (shared_prompt.py; in training too)
         self.share_prompts = True
 
     def collator(self, tokenizer) -> PvpCollator:
@@ -114,7 +114,7 @@ class PromptModel(nn.Module):
                  for p in range(len(self.pvps))]
         counts = [x["input_ids"].shape[0] for x in parts]
         scorers = [p.scorer for p in self.pvps]
-        if self.share_prompts and not torch.is_grad_enabled() and can_share_prompts(self.lm, scorers):
+        if self.share_prompts and can_share_prompts(self.lm, scorers):
             for p, part in enumerate(parts):
                 part["positions"] = batch[f"{p}.positions"]
             return shared_prompt_scores(self.lm, scorers, parts, self._routing)
@@ -124,14 +124,20 @@ class PromptModel(nn.Module):
             rows.append(pvp.scorer.rows_of(batch[f"{p}.positions"]) + start)
             positions.append(batch[f"{p}.positions"] + pvp.offset)
             start += n
+        # the words of one length read the same masks (an MLM) and one-token words the same last position (a
+        # causal LM): project and normalise each distinct (row, position) once, for every PVP together
         flat_rows = torch.cat([r.flatten() for r in rows])
         flat_positions = torch.cat([q.flatten() for q in positions])
+        width = int(joined["input_ids"].shape[1]) + max(p.offset for p in self.pvps)
+        where, read = torch.unique(flat_rows * width + flat_positions, return_inverse=True)
         with self._routing(counts):
-            picked = logits_at(self.lm, joined, flat_rows, flat_positions)
+            picked = logits_at(self.lm, joined, where // width, where % width)
+        logp = picked.float().log_softmax(-1)  # (distinct positions, V)
         scores, start = [], 0
         for pvp, r in zip(self.pvps, rows):
             size = r.numel()
-            scores.append(pvp.scorer.class_scores(picked[start:start + size].view(*r.shape, -1)))
+            tokens = pvp.scorer.tokens.to(logp.device).expand(r.shape[0], -1, -1)  # (N, W, L)
+            scores.append(pvp.scorer.class_scores(logp=logp[read[start:start + size].view(r.shape), tokens]))
             start += size
         return scores
 

@@ -2,8 +2,9 @@
 
 The result, a :class:`PromptItem`, holds the rows the model reads and, for every label word, the positions
 whose logits score it. A masked LM gets one row per distinct label-word length (a word of L tokens is read
-at L consecutive masks; :attr:`PromptRenderer.word_row` says which row); a causal LM gets one row per word,
-the prompt followed by that word, with each answer token read from the logits one position before it.
+at L consecutive masks; :attr:`PromptRenderer.word_row` says which row); a causal LM gets one row per word
+less its last token (the prompt followed by it), with each answer token read from the logits one position
+before it, so words that differ only in their last token (all one-token words) share a row.
 
 Layout. Without a chat format: the tokenizer's own special tokens frame the whole input (``[CLS] ... [SEP]``
 for BERT, a bos for Llama; a causal LM keeps only what comes before the text), demonstrations come first,
@@ -86,13 +87,23 @@ class PromptRenderer:
             self.frame = (self.frame[0], [])  # nothing may come between the prompt and its answer
         self.word_ids = [self._word_ids(c, w) for c, w in verbalizer.flat()]
         self.word_class = [c for c, _ in verbalizer.flat()]
+        owner: dict[tuple[int, ...], tuple[int, str]] = {}
+        for (cls, word), ids in zip(verbalizer.flat(), self.word_ids):
+            first = owner.setdefault(tuple(ids), (cls, word))
+            if first[0] != cls:
+                raise PromptError(f"label words {first[1]!r} of class {verbalizer.labels[first[0]]!r} and {word!r} of "
+                                  f"class {verbalizer.labels[cls]!r} are the same tokens: a word cannot tell its "
+                                  "classes apart; give each class its own words")
+        self.answer_rows: list[tuple[int, ...]] = []  # causal: what follows the prompt in each row
         if kind == "mlm":
             self.lengths = sorted({len(ids) for ids in self.word_ids})
             self.word_row = [self.lengths.index(len(ids)) for ids in self.word_ids]
-        else:
+            self.rows_per_item = len(self.lengths)
+        else:  # words that differ only in their last token share a row: one-token words all read the prompt's
             self.lengths = []
-            self.word_row = list(range(len(self.word_ids)))
-        self.rows_per_item = len(self.lengths) if kind == "mlm" else len(self.word_ids)
+            self.answer_rows = list(dict.fromkeys(tuple(ids[:-1]) for ids in self.word_ids))
+            self.word_row = [self.answer_rows.index(tuple(ids[:-1])) for ids in self.word_ids]
+            self.rows_per_item = len(self.answer_rows)
         self.max_word_length = max(len(ids) for ids in self.word_ids)
         self._sep = self._encode(separator) if chat is None else []
 
@@ -236,7 +247,7 @@ class PromptRenderer:
             positions = [list(range(starts[r], starts[r] + len(w))) for r, w in zip(self.word_row, self.word_ids)]
             return PromptItem(rows, positions, label, dropped, truncated)
         prompt = list(head) + [t for _, seg in query_segments for t in seg] + tail
-        rows = [prompt + w for w in self.word_ids]
+        rows = [prompt + list(r) for r in self.answer_rows]
         positions = [list(range(len(prompt) - 1, len(prompt) - 1 + len(w))) for w in self.word_ids]
         return PromptItem(rows, positions, label, dropped, truncated)
 

@@ -1,10 +1,15 @@
 """Causal scoring with the prompt computed once per example: prefill, then every label word from its cache.
 
 A causal LM's rows for one example differ only in the answer, so the prompt (demonstrations included, often
-hundreds of tokens) is run once, left-padded, into a KV cache; the cache is repeated for each label word
-(``KVCache.reorder`` with repeats) and the words, right-padded, are run on top of it. The first answer token
-is read from the prompt's last position, the others from the words' own. With W words this costs one prompt
-pass instead of W, and gives the scores of the full rows (tested to 1e-5).
+hundreds of tokens) is run once into a KV cache; the cache is repeated for each label word (``KVCache.reorder``
+with repeats) and the words are run on top of it. The first answer token is read from the prompt's last
+position, the others from the words' own. The prompts of a batch often begin alike (the chat template's system
+turn; the same demonstrations, drawn once per seed, before every query): that common prefix is run once per
+PVP and its cache copied to the PVP's rows, then only the rest of each prompt runs, right-padded (padding
+between a prompt and its words is masked out; positions come from the mask). With W words and a shared prefix
+of S tokens this costs one prompt pass instead of W, S tokens once instead of per row, and gives the scores of
+the full rows (tested to 1e-5). In training the cache is a :class:`GradCache` (concatenating, so gradients
+flow through it to the deltas): PET's rows of one example cost one prompt pass there too.
 
 It applies when the LM has a cache and a separable head (:func:`~deltaformer.prompting.lm.split_head`) and
 no attached delta is input-side (prompt tuning, P-tuning and prefix tuning change what a cached prompt
@@ -36,43 +41,109 @@ def can_share_prompts(lm: nn.Module, scorers: Sequence[PromptScorer]) -> bool:
     return not (set(delta.deltas(lm).values()) & INPUT_SIDE)
 
 
+class _GrowingLayer:
+    def __init__(self, owner: GradCache) -> None:
+        self.owner = owner
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
+        self.values = v if self.values is None else torch.cat([self.values, v], 2)
+        return self.keys, self.values
+
+
+class GradCache:
+    """A KV cache that gradients flow through (training): each step's keys and values are concatenated to the
+    past instead of written into a preallocated buffer in place, which autograd cannot differentiate once
+    the buffer is read and written again. The interface the decoders use of :class:`KVCache`."""
+
+    def __init__(self, n_layers: int, batch: int) -> None:
+        self.layers = [_GrowingLayer(self) for _ in range(n_layers)]
+        self._batch = batch
+        self.position_offset: Tensor | None = None
+
+    def layer(self, i: int) -> _GrowingLayer:
+        return self.layers[i]
+
+    @property
+    def length(self) -> int:
+        return min(layer.length for layer in self.layers)
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    def reorder(self, rows: Tensor) -> None:
+        for layer in self.layers:
+            if layer.keys is not None and layer.values is not None:
+                layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        self._batch = int(rows.numel())
+
+
+def _cache(lm: nn.Module, batch: int, max_length: int) -> KVCache:
+    if torch.is_grad_enabled():
+        return cast(KVCache, GradCache(len(cast(nn.ModuleList, cast(nn.Module, lm.backbone).layers)), batch))
+    return cast(Callable[[int, int], KVCache], lm.new_cache)(batch, max_length)
+
+
+def common_prefix(ids: Tensor, lengths: Tensor) -> int:
+    """How many leading tokens every row of the right-padded ``ids`` (N, T) shares, leaving each row at
+    least its last token (whose logits read the answer)."""
+    limit = int(lengths.min()) - 1
+    if ids.shape[0] < 2 or limit <= 0:
+        return 0
+    same = (ids[:, :limit] == ids[:1, :limit]).all(0)
+    return limit if bool(same.all()) else int((~same).nonzero()[0])
+
+
 def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: Sequence[dict[str, Tensor]],
                          routing: Callable[[list[int]], AbstractContextManager]) -> list[Tensor]:
     """Class scores (N_p, C) of every PVP p from its full-row inputs ``parts[p]`` (input_ids, attention_mask,
     positions); ``routing(counts)`` routes ``counts[p]`` consecutive rows to PVP p's deltas."""
     head = cast(nn.Module, lm.lm_head)  # can_share_prompts checked a causal LM with a split head
     backbone = cast(nn.Module, lm.backbone)
-    new_cache = cast(Callable[[int, int], KVCache], lm.new_cache)
-    prompts, lengths, counts = [], [], []
+    firsts, lengths, counts = [], [], []
     for scorer, part in zip(scorers, parts):
-        words = scorer.tokens.shape[0]
-        first = part["input_ids"][::words]  # every word's row starts with the same prompt
-        length = part["positions"][:, 0, 0] + 1
-        prompts.append((first, length))
-        lengths.append(length)
-        counts.append(first.shape[0])
-    width = int(torch.cat(lengths).max())
+        firsts.append(part["input_ids"][::scorer.rows_per_item])  # every row of an example starts with its prompt
+        lengths.append(part["positions"][:, 0, 0] + 1)
+        counts.append(firsts[-1].shape[0])
+    width = max(int(f.shape[1]) for f in firsts)
     device = parts[0]["input_ids"].device
-    ids_rows, mask_rows = [], []
-    for first, length in prompts:  # right-padded rows -> left-padded prompts
-        shift = width - length
-        col = torch.arange(width, device=device)[None, :] - shift[:, None]
-        ids_rows.append(first.gather(1, col.clamp_min(0)).masked_fill(col < 0, 0))
-        mask_rows.append((col >= 0).long())
-    ids, mask = torch.cat(ids_rows), torch.cat(mask_rows)
+    prompts = torch.cat([torch.nn.functional.pad(f, (0, width - f.shape[1])) for f in firsts])
+    length = torch.cat(lengths)
+    shared = common_prefix(prompts, length)
+    rest_width = int(length.max()) - shared
     longest = max(int(s.tokens.shape[1]) for s in scorers)
-    cache = new_cache(ids.shape[0], width + longest)
+    per_pvp = torch.repeat_interleave(torch.arange(len(scorers), device=device), torch.tensor(counts, device=device))
+    if shared:  # the common prefix (a system prompt, shared demonstrations) once per PVP, then copied to its rows
+        cache = _cache(lm, len(scorers), shared + rest_width + longest)
+        with routing([1] * len(scorers)):
+            backbone(prompts[:1, :shared].expand(len(scorers), -1), None, None, cache)
+        cache.reorder(per_pvp)
+    else:
+        cache = _cache(lm, prompts.shape[0], rest_width + longest)
+    col = torch.arange(rest_width, device=device)
+    ids = prompts[:, shared:shared + rest_width]
+    mask = torch.cat([torch.ones(prompts.shape[0], shared, dtype=torch.long, device=device),
+                      (col[None, :] < (length - shared)[:, None]).long()], 1)  # right padding, masked out
     with routing(counts):
-        last = head(backbone(ids, mask, None, cache).last_hidden_state[:, -1])  # (N_all, V)
+        hidden = backbone(ids, mask, None, cache).last_hidden_state
+        last = head(hidden[torch.arange(hidden.shape[0], device=device), length - shared - 1])  # (N_all, V)
     first_logp = last.float().log_softmax(-1)
     # one row per (example, word), PVP by PVP, each example's words together
     repeats = torch.cat([torch.full((n,), s.tokens.shape[0], dtype=torch.long) for s, n in zip(scorers, counts)])
-    cache.reorder(torch.repeat_interleave(torch.arange(ids.shape[0]), repeats).to(device))
     word_ids = torch.cat([torch.nn.functional.pad(s.tokens.to(device), (0, longest - s.tokens.shape[1])).repeat(n, 1)
                           for s, n in zip(scorers, counts)])
     word_len = torch.cat([s.lengths.to(device).repeat(n) for s, n in zip(scorers, counts)])
     rest = None
-    if longest > 1:
+    if longest > 1:  # the words' later tokens, after their prompt (padding between them is masked out)
+        cache.reorder(torch.repeat_interleave(torch.arange(prompts.shape[0]), repeats).to(device))
         inputs = word_ids[:, :longest - 1]
         new_mask = (torch.arange(longest - 1, device=device)[None, :] < (word_len - 1)[:, None]).long()
         full_mask = torch.cat([mask.repeat_interleave(repeats.to(device), 0), new_mask], 1)

@@ -19,6 +19,11 @@ from torch import Tensor
 from ..errors import CheckpointError
 
 QK_K = 256  # weights per K-quant super-block
+#: Weights unpacked per step of :func:`dequantize` on CPU: 128 KiB of fp32 output, at torch's intra-op grain
+#: size, so each step's small ops run on one thread (on 2 busy cores, 1M-weight steps that each woke the
+#: thread pool took 10-20x the CPU time). Other devices unpack :data:`DEVICE_CHUNK_WEIGHTS` at a time.
+CHUNK_WEIGHTS = 1 << 15
+DEVICE_CHUNK_WEIGHTS = 1 << 24
 
 
 def _f16(blocks: Tensor, start: int, stop: int) -> Tensor:
@@ -181,11 +186,13 @@ def as_type(kind: GGMLQuantizationType | int | str) -> GGMLQuantizationType:
 
 
 def dequantize(raw: Tensor | np.ndarray | bytes, kind: GGMLQuantizationType | int | str,
-               shape: tuple[int, ...]) -> Tensor:
+               shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
     """The float32 tensor of logical ``shape`` (rows, columns in torch order) stored as ``raw`` bytes of ``kind``.
 
     ``raw`` may be a uint8 tensor (on any device; unpacking runs there), a numpy array (a read-only view of a
-    memory-mapped file is copied once, as torch needs writable memory) or ``bytes``.
+    memory-mapped file is copied once, as torch needs writable memory) or ``bytes``. Blocks are unpacked
+    :data:`CHUNK_WEIGHTS` weights at a time (on CPU), so the temporaries stay small beside the result; ``out`` (a
+    contiguous float32 tensor of ``shape``) receives the result instead of a new tensor.
     """
     qtype = as_type(kind)
     if qtype not in SUPPORTED_TYPES:
@@ -198,12 +205,25 @@ def dequantize(raw: Tensor | np.ndarray | bytes, kind: GGMLQuantizationType | in
     if count % block or data.numel() != count // block * size:
         raise CheckpointError(f"GGUF tensor of type {qtype.name} and shape {tuple(shape)} needs "
                               f"{count // block * size} bytes, found {data.numel()}: the file is truncated or corrupt")
-    if qtype == GGMLQuantizationType.F32:
-        return data.view(torch.float32).reshape(shape).clone()
-    if qtype == GGMLQuantizationType.F16:
-        return data.view(torch.float16).float().reshape(shape)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=data.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        raise CheckpointError(f"cannot unpack a GGUF tensor of shape {tuple(shape)} into a {out.dtype} tensor of "
+                              f"shape {tuple(out.shape)}")
+    flat = out.view(-1, block)
     blocks = data.reshape(-1, size)
-    return _BLOCK_DECODERS[qtype](blocks).reshape(shape)
+    step = max(1, (CHUNK_WEIGHTS if data.device.type == "cpu" else DEVICE_CHUNK_WEIGHTS) // block)
+    for a in range(0, blocks.shape[0], step):
+        flat[a:a + step] = _unpack(qtype, blocks[a:a + step]).reshape(-1, block)
+    return out
+
+
+def _unpack(qtype: GGMLQuantizationType, blocks: Tensor) -> Tensor:
+    if qtype == GGMLQuantizationType.F32:
+        return blocks.contiguous().view(torch.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return blocks.contiguous().view(torch.float16).float()
+    return _BLOCK_DECODERS[qtype](blocks)
 
 
 def _as_bytes(raw: Tensor | np.ndarray | bytes) -> Tensor:

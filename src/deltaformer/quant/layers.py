@@ -1,4 +1,4 @@
-"""Frozen quantized Linear layers whose product dequantizes a block of output rows at a time.
+"""Frozen quantized Linear layers (:class:`quant.base.QuantizedLinear`): products dequantize a block of rows at a time.
 
 The fp32 weight is never held whole: forward and the input gradient (which QLoRA and every other delta on a
 quantized base need) loop over row blocks of :data:`ROWS_PER_BLOCK`, dequantize one, multiply, and drop it, so
@@ -9,89 +9,83 @@ and are saved in ``state_dict``); the weight gets no gradient, by design (the ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import QuantError
-from . import schemes
+from . import kernels, schemes
+from .base import ROWS_PER_BLOCK, QuantizedLinear, RowFn, fused_product
 
-#: Output rows dequantized per step of a product (a 4096-wide layer: 256 x 4096 fp32 = 4 MiB at a time).
-ROWS_PER_BLOCK = 256
+__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantLinear", "quantize"]
+
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
-SCHEMES = ("int8", "zeropoint", "llm_int8", "nf4")
+SCHEMES = ("int8", "zeropoint", "llm_int8", "w8a8", "nf4", "fp4", "int4")
+FOUR_BIT = ("nf4", "fp4")
+#: Schemes stored as int8 absmax rows (same buffers; they differ in the product only).
+ABSMAX_INT8 = ("int8", "llm_int8", "w8a8")
 
 
-class _BlockwiseProduct(torch.autograd.Function):
-    """``x W^T`` where ``rows(a, b)`` yields W[a:b] in fp32; backward re-dequantizes instead of saving W."""
+class QuantLinear(QuantizedLinear):
+    """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked.
 
-    @staticmethod
-    def forward(x: Tensor, rows: Callable[[int, int], Tensor], out_features: int) -> Tensor:
-        parts = [F.linear(x, rows(a, min(a + ROWS_PER_BLOCK, out_features)).to(x.dtype))
-                 for a in range(0, out_features, ROWS_PER_BLOCK)]
-        return torch.cat(parts, dim=-1)
+    int8 / zeropoint take a ``granularity`` ("tensor", "channel" or "group" of ``group_size`` inputs);
+    llm_int8 and w8a8 are per channel (their int8 x int8 products rescale by row; w8a8 quantizes every input
+    row to int8, llm_int8 keeps outlier features in fp32). nf4 / fp4 use blocks of ``blocksize`` with
+    optional double quantization; int4 is asymmetric per group of ``blocksize`` (bf16 scale and zero), stored
+    in torch's CPU int4 kernel layout (rows padded to 64). A row width that is not a multiple of
+    ``blocksize`` is zero-padded to whole blocks when ``pad`` (the default here) and refused otherwise.
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.rows, ctx.out_features = inputs[1], inputs[2]
+    Forward picks a fused kernel (:mod:`quant.kernels`) on CPU when no input gradient is needed and
+    ``use_kernels`` is true: int8 per channel / per tensor -> ``_weight_int8pack_mm``, int4 ->
+    ``_weight_int4pack_mm_for_cpu`` (both in bf16), w8a8 / llm_int8 -> ``torch._int_mm``; otherwise the
+    blockwise fp32 product of :class:`quant.base.QuantizedLinear` (and its input gradient).
+    """
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad_x = None
-        for a in range(0, ctx.out_features, ROWS_PER_BLOCK):
-            b = min(a + ROWS_PER_BLOCK, ctx.out_features)
-            part = grad[..., a:b] @ ctx.rows(a, b).to(grad.dtype)
-            grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None
-
-
-class _Int8Product(_BlockwiseProduct):
-    """LLM.int8's forward (``forward_fn``); its input gradient is the product with the dequantized rows."""
-
-    @staticmethod
-    def forward(x: Tensor, rows: Callable[[int, int], Tensor], out_features: int,  # type: ignore[override]  # extra argument: the int8 forward
-                forward_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        return forward_fn(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.rows, ctx.out_features = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return (*_BlockwiseProduct.backward(ctx, grad), None)
-
-
-class QuantLinear(nn.Module):
-    """A frozen Linear stored in one of :data:`SCHEMES`; ``dequantize()`` gives the fp32 weight when asked."""
+    use_kernels: bool = True
 
     weight_q: Tensor
     scale: Tensor
     zero: Tensor
+    padded_rows: int
 
     def __init__(self, linear: nn.Linear, scheme: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                 threshold: float = OUTLIER_THRESHOLD) -> None:
+                 threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel", group_size: int = 128,
+                 pad: bool = True) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if scheme in ("llm_int8", "w8a8") and granularity != "channel":
+            raise QuantError(f"{scheme} quantizes per output channel only: drop the granularity argument")
         weight = linear.weight.detach()
         self.scheme, self.threshold = scheme, threshold
+        self.granularity = granularity if scheme in ("int8", "zeropoint", "llm_int8", "w8a8") else "block"
+        self.group_size = group_size
         self.out_features, self.in_features = weight.shape
-        self.nf4: schemes.NF4Weight | None = None
-        if scheme in ("int8", "llm_int8"):
-            q, absmax = schemes.int8_absmax(weight)
+        if scheme == "int4":
+            codes, scale, zero = schemes.int4_affine(weight, blocksize, pad=pad)
+            self.blocksize, self.cols = blocksize, codes.shape[1]
+            self.padded_rows = self.out_features + (-self.out_features % kernels.INT4_TILE)
+            extra = self.padded_rows - self.out_features
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, extra), value=8)
+            scale_zero = torch.stack((scale, zero), dim=-1)  # [out, groups, 2]
+            scale_zero = torch.nn.functional.pad(scale_zero, (0, 0, 0, 0, 0, extra))
+            self.register_buffer("weight_q", kernels.pack_int4(codes))
+            self.register_buffer("scale", scale_zero.transpose(0, 1).contiguous())  # [groups, rows, 2]: the kernel's
+        elif scheme in ABSMAX_INT8:
+            q, absmax = schemes.int8_absmax(weight, granularity, group_size)
             self.register_buffer("weight_q", q)
             self.register_buffer("scale", absmax)
         elif scheme == "zeropoint":
-            q, scale, zero = schemes.int8_zero_point(weight)
+            q, scale, zero = schemes.int8_zero_point(weight, granularity, group_size)
             self.register_buffer("weight_q", q)
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)
         else:
-            nf = schemes.nf4(weight, blocksize=blocksize, double_quant=double_quant)
-            self.blocksize, self.offset, self.group = nf.blocksize, nf.offset, nf.group
+            nf = schemes.four_bit(weight, scheme, blocksize=blocksize, double_quant=double_quant, pad=pad)
+            self.blocksize, self.offset, self.group, self.cols = nf.blocksize, nf.offset, nf.group, nf.cols
             self.register_buffer("weight_q", nf.packed)
             if nf.absmax is not None:
                 self.register_buffer("scale", nf.absmax)
@@ -101,41 +95,112 @@ class QuantLinear(nn.Module):
                 self.register_buffer("scale_codes", nf.absmax_codes)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's buffers (shapes, dtypes) around loaded tensors: see :meth:`from_spec`."""
+        out: dict[str, Any] = {"scheme": self.scheme, "in_features": self.in_features,
+                               "out_features": self.out_features, "bias": self.bias is not None}
+        if self.scheme in ("int8", "zeropoint", "llm_int8", "w8a8"):
+            out.update(granularity=self.granularity, group_size=self.group_size)
+            if self.scheme == "llm_int8":
+                out["threshold"] = self.threshold
+        else:
+            out.update(blocksize=self.blocksize, pad=self.cols != self.in_features)
+            if self.scheme in FOUR_BIT:
+                out.update(double_quant=hasattr(self, "scale_codes"), offset=self.offset, group=self.group)
+        return out
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], linear: nn.Linear) -> QuantLinear:
+        """A layer shaped as ``spec`` describes (its buffers are to be overwritten by loaded tensors).
+
+        ``linear`` gives the shape; its values only fill the buffers until the load replaces them.
+        """
+        try:
+            scheme = str(spec["scheme"])
+            if (int(spec["in_features"]), int(spec["out_features"])) != (linear.in_features, linear.out_features):
+                raise QuantError(f"the metadata says {spec['in_features']} -> {spec['out_features']} features, "
+                                 f"the model's layer is {linear.in_features} -> {linear.out_features}")
+            if bool(spec["bias"]) != (linear.bias is not None):
+                raise QuantError("the metadata and the model disagree on whether the layer has a bias")
+            layer = cls(linear, scheme, blocksize=int(spec.get("blocksize", 64)),
+                        double_quant=bool(spec.get("double_quant", True)),
+                        threshold=float(spec.get("threshold", OUTLIER_THRESHOLD)),
+                        granularity=str(spec.get("granularity", "channel")),
+                        group_size=int(spec.get("group_size", 128)), pad=bool(spec.get("pad", True)))
+        except QuantError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise QuantError(f"layer metadata {spec} is incomplete or malformed ({err})") from None
+        if scheme in FOUR_BIT:
+            layer.offset = float(spec.get("offset", 0.0))
+        return layer
+
+    def _per_row(self, t: Tensor, a: int, b: int) -> Tensor:
+        """Rows ``a:b`` of a scale / zero tensor (a per-tensor one applies to every row)."""
+        return t if self.granularity == "tensor" else t[a:b]
+
     def _nf4(self) -> schemes.NF4Weight:
         codes = getattr(self, "scale_codes", None)
         shape = (self.out_features, self.in_features)
         if codes is None:
-            return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax=self.scale)
+            return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax=self.scale, kind=self.scheme,
+                                     cols=self.cols)
         return schemes.NF4Weight(self.weight_q, shape, self.blocksize, absmax_codes=codes, absmax_scale=self.scale,
-                                 offset=self.offset, group=self.group)
+                                 offset=self.offset, group=self.group, kind=self.scheme, cols=self.cols)
 
-    def rows_fn(self) -> Callable[[int, int], Tensor]:
+    def row_source(self) -> RowFn:
         """A function giving fp32 weight rows ``a:b`` (block scales decoded once per call, not per block)."""
-        if self.scheme == "nf4":
+        if self.scheme == "int4":
+            return self._int4_rows
+        if self.scheme in FOUR_BIT:
             nf = self._nf4()
             scales = nf.scales()
             return lambda a, b: nf.rows(a, b, scales)
         if self.scheme == "zeropoint":
-            return lambda a, b: schemes.int8_zero_point_rows(self.weight_q[a:b], self.scale[a:b], self.zero[a:b])
-        return lambda a, b: schemes.int8_absmax_rows(self.weight_q[a:b], self.scale[a:b])
+            return lambda a, b: schemes.int8_zero_point_rows(self.weight_q[a:b], self._per_row(self.scale, a, b),
+                                                             self._per_row(self.zero, a, b))
+        return lambda a, b: schemes.int8_absmax_rows(self.weight_q[a:b], self._per_row(self.scale, a, b))
 
-    def dequantize(self) -> Tensor:
-        """The whole fp32 weight (for merging and inspection; the forward never calls this)."""
-        return self.rows_fn()(0, self.out_features)
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.row_source()(start, stop)
 
-    @property
-    def weight(self) -> Tensor:
-        """The fp32 weight, materialised on demand (delta code that reads ``.weight`` still works)."""
-        return self.dequantize()
+    def rows_fn(self) -> RowFn:
+        """Alias of :meth:`row_source` (the name code written before :mod:`quant.base` uses)."""
+        return self.row_source()
+
+    def _int4_rows(self, a: int, b: int) -> Tensor:
+        codes = kernels.unpack_int4_rows(self.weight_q, self.cols, a, b)
+        w = schemes.int4_affine_rows(codes, self.scale[:, a:b, 0].t(), self.scale[:, a:b, 1].t())
+        return w if self.cols == self.in_features else w[:, :self.in_features]
+
+    def _kernel(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The fused product for ``x``, or None where the blockwise product runs (see the class docstring)."""
+        if self.scheme == "w8a8":
+            return lambda t: kernels.w8a8(t, self.weight_q, self.scale)
+        if self.scheme == "llm_int8":
+            return self._llm_int8
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        if self.scheme == "int8" and self.granularity in ("channel", "tensor") and kernels.has_int8_weight_only():
+            return lambda t: kernels.int8_weight_only(t, self.weight_q, self._channel_scale())
+        if self.scheme == "int4" and kernels.has_int4_weight_only() and self.blocksize in kernels.INT4_GROUP_SIZES:
+            return self._int4_kernel
+        return None
+
+    def _channel_scale(self) -> Tensor:
+        step = self.scale / 127.0
+        return step.expand(self.out_features) if self.granularity == "tensor" else step
+
+    def _int4_kernel(self, x: Tensor) -> Tensor:
+        y = kernels.int4_weight_only(x, self.weight_q, self.padded_rows, self.cols, self.blocksize, self.scale)
+        return y if self.padded_rows == self.out_features else y[..., :self.out_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise QuantError(f"input has {x.shape[-1]} features, the quantized layer expects {self.in_features}")
-        if self.scheme == "llm_int8":
-            y = _Int8Product.apply(x, self.rows_fn(), self.out_features, self._llm_int8)
-        else:
-            y = _BlockwiseProduct.apply(x, self.rows_fn(), self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        self.check_input(x)
+        fused = self._kernel(x)
+        if fused is None:
+            return super().forward(x)
+        return self.add_bias(fused_product(x, fused, self.row_source(), self.out_features))
 
     def _llm_int8(self, x: Tensor) -> Tensor:
         """LLM.int8: outlier input features in fp32 with their weight columns, the rest int8 x int8 -> int32.
@@ -151,37 +216,40 @@ class QuantLinear(nn.Module):
         inliers[:, outliers] = 0.0
         row_max = inliers.abs().amax(dim=1).clamp(min=1e-38)
         xq = torch.round(inliers * (127.0 / row_max).unsqueeze(1)).clamp(-127, 127)
-        # int32 accumulation: exact integers up to 2^24 in fp32 need chunking only beyond 1040 features of 127^2;
-        # the product runs on int32 tensors on CPU (torch has no int8 GEMM there), exact by construction.
-        acc = torch.cat([xq.to(torch.int32) @ self.weight_q[a:a + ROWS_PER_BLOCK].to(torch.int32).t()
-                         for a in range(0, self.out_features, ROWS_PER_BLOCK)], dim=1)
+        # int8 x int8 -> int32 (torch._int_mm where it runs, else an int32 matmul): exact either way
+        acc = kernels.int8_matmul(xq.to(torch.int8), self.weight_q)
         y = acc.float() * (row_max.unsqueeze(1) * self.scale.unsqueeze(0) / (127.0 * 127.0))
         if outliers.numel():
             cols = schemes.int8_absmax_rows(self.weight_q[:, outliers], self.scale)
             y = y + flat[:, outliers] @ cols.t()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
-
 
 def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), blocksize: int = 64,
-             double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD) -> nn.Module:
+             double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel",
+             group_size: int = 128, pad: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a frozen :class:`QuantLinear`.
 
     ``skip`` names module paths (or their last part, e.g. "classifier", "lm_head") that stay fp32: heads are
-    small and sensitive. NF4 layers whose width is not a multiple of ``blocksize`` stay fp32 too.
+    small and sensitive. 4-bit layers whose width is not a multiple of ``blocksize`` are zero-padded to whole
+    blocks (``pad=False`` refuses them instead). A layer that cannot be quantized as asked raises
+    :class:`QuantError` naming it, before any layer of the model is replaced.
     Returns the model; its remaining parameters are left as they were.
     """
     if scheme not in SCHEMES:
         raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is not QuantLinear and isinstance(m, nn.Linear)
+               if isinstance(m, nn.Linear)
                and not any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)]
+    replaced: list[tuple[str, QuantLinear]] = []
     for name, module in targets:
-        if scheme == "nf4" and module.in_features % blocksize:
-            continue
+        try:
+            replaced.append((name, QuantLinear(module, scheme, blocksize, double_quant, threshold, granularity,
+                                               group_size, pad)))
+        except QuantError as err:
+            raise QuantError(f"layer {name}: {err}") from None
+    for name, layer in replaced:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(module, scheme, blocksize, double_quant, threshold))
+        setattr(parent, child, layer)
     return model

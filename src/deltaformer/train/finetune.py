@@ -161,10 +161,11 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
     if encoded["test"]:
         results["test"] = evaluate(model, encoded["test"], collate, len(splits.labels),
                                    spec.train.eval_batch_size, trainer.env, spec.train.bf16)
-    total = sum(p.numel() for p in model.parameters())
+    total = base_size(model)
     trainable = sum(p.numel() for p in trainable_state(model).values())
     results.update({
         "method": spec.method.name,
+        "quantize": spec.method.quantize,
         "task": spec.task,
         "seed": spec.train.seed,
         "trainable_parameters": trainable,
@@ -180,6 +181,16 @@ def finetune(spec: FinetuneSpec) -> dict[str, Any]:
         write_json(out / RESULTS, results)
     barrier(env)
     return results
+
+
+def base_size(model: torch.nn.Module) -> int:
+    """Parameters of the model, a quantized layer's packed weight counted as the weights it holds."""
+    from ..delta.wrappers import DeltaQuantLinear
+    from ..quant.base import QuantizedLinear
+
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, QuantizedLinear | DeltaQuantLinear))
+    return packed + sum(p.numel() for p in model.parameters())
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -7,6 +7,10 @@ learn it). Everything else about a delta method is read from the method itself: 
 from its :class:`~deltaformer.delta.method.Method`, its options, their help, fine-tuning defaults, option
 names and aliases from its config's field metadata, its learning rate from ``finetune_lr``. A new delta
 method therefore needs no line here.
+
+Any delta method may train on a frozen quantized base (option ``quantize``, ``--quantize`` on the command line:
+see :data:`QUANTIZE`); :data:`RECIPES` are methods that are another method on a quantized base, such as
+``qlora`` (LoRA on NF4 with double quantization, on every linear layer: Dettmers et al., 2023).
 """
 
 from __future__ import annotations
@@ -20,16 +24,54 @@ from typing import Any
 from torch import nn
 
 from .. import delta
+from ..delta.targets import head_paths
 from ..errors import ConfigError
 
 #: Training modes (no delta) and their default learning rates: small for full fine-tuning.
 MODES = {"full": 5e-5, "probe": 1e-3}
-METHODS: tuple[str, ...] = (*MODES, *delta.METHODS)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method that is another delta method on a quantized base, with its own option defaults."""
+
+    method: str
+    quantize: str
+    defaults: dict[str, Any]
+
+
+#: The targets keyword for every linear layer but the heads (``--targets all-linear``).
+ALL_LINEAR = "all-linear"
+#: QLoRA (Dettmers et al., 2023): LoRA on every linear layer of an NF4 base with double quantization.
+RECIPES: dict[str, Recipe] = {"qlora": Recipe("lora", "nf4", {"targets": [ALL_LINEAR]})}
+METHODS: tuple[str, ...] = (*MODES, *delta.METHODS, *RECIPES)
 DELTA_NAME = "default"
 #: Methods whose result folds into a plain checkpoint (the modes change only existing weights).
-MERGEABLE = frozenset({*MODES, *(name for name, m in delta.METHODS.items() if m.mergeable)})
+MERGEABLE = frozenset({*MODES, *(name for name, m in delta.METHODS.items() if m.mergeable),
+                       *(name for name, r in RECIPES.items() if delta.METHODS[r.method].mergeable)})
 #: Default learning rates: small for full fine-tuning, larger for the few parameters of a delta.
-DEFAULT_LR: dict[str, float] = {**MODES, **{name: m.config_class.finetune_lr for name, m in delta.METHODS.items()}}
+DEFAULT_LR: dict[str, float] = {**MODES, **{name: m.config_class.finetune_lr for name, m in delta.METHODS.items()},
+                                **{name: delta.METHODS[r.method].config_class.finetune_lr for name, r in RECIPES.items()}}
+#: ``--quantize`` names: the frozen base's scheme and its settings (``quant.layers.quantize`` arguments).
+QUANTIZE: dict[str, dict[str, Any]] = {
+    "int8": {"scheme": "int8", "granularity": "channel"},  # absmax per output channel
+    "llm.int8": {"scheme": "llm_int8"},  # int8 products, outlier features (|x| >= 6) in fp32
+    "nf4": {"scheme": "nf4", "blocksize": 64, "double_quant": True},  # QLoRA's NormalFloat4 + double quantization
+    "fp4": {"scheme": "fp4", "blocksize": 64, "double_quant": True},
+}
+#: The option that names the base's quantization (kept with the method options, so run.json records it).
+QUANTIZE_OPTION = "quantize"
+
+
+def delta_method(name: str) -> str:
+    """The delta method a method name trains (a recipe's own method; the name itself otherwise)."""
+    return RECIPES[name].method if name in RECIPES else name
+
+
+def check_quantize(name: str) -> str:
+    if name not in QUANTIZE:
+        raise ConfigError(f"unknown --quantize {name!r}: choose one of {', '.join(QUANTIZE)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -50,14 +92,15 @@ def method_options(method: str) -> dict[str, MethodOption]:
     """The options ``method`` offers on the command line, by option name (empty for the modes)."""
     if method in MODES:
         return {}
-    cls = delta.config_class(method)
+    cls = delta.config_class(delta_method(method))
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         name = f.metadata.get("cli")
         if name:
+            default = RECIPES[method].defaults.get(name) if method in RECIPES else None
             out[name] = MethodOption(name, f.name, _kind(hints[f.name]), f.metadata.get("help", ""),
-                                     f.metadata.get("finetune"))
+                                     f.metadata.get("finetune") if default is None else tuple(default))
     return out
 
 
@@ -85,7 +128,10 @@ def all_options() -> dict[str, tuple[MethodOption, tuple[str, ...]]]:
 
 @dataclass
 class MethodSpec:
-    """A method and its options (option names as :func:`method_options` gives them, or field names)."""
+    """A method and its options (option names as :func:`method_options` gives them, or field names).
+
+    The option ``quantize`` (a :data:`QUANTIZE` name; a recipe's own by default) quantizes the frozen base.
+    """
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -95,15 +141,41 @@ class MethodSpec:
             raise ConfigError(f"unknown method {self.name!r}: use one of {', '.join(METHODS)}")
         defaults = {name: list(o.default) if isinstance(o.default, tuple) else o.default
                     for name, o in method_options(self.name).items() if o.default is not None}
+        if self.name in RECIPES:
+            defaults[QUANTIZE_OPTION] = RECIPES[self.name].quantize
         self.options = {**defaults, **{k: v for k, v in self.options.items() if v is not None}}
+        if self.quantize is not None:
+            check_quantize(self.quantize)
+            if self.name == "full":
+                raise ConfigError("--method full trains every base weight, and a quantized base is frozen: "
+                                  "drop --quantize, or train a delta (lora, qlora, ...) on the quantized base")
 
     @property
     def is_delta(self) -> bool:
         return self.name not in MODES
 
+    @property
+    def quantize(self) -> str | None:
+        """The base's :data:`QUANTIZE` name, or None for an fp32 base."""
+        value = self.options.get(QUANTIZE_OPTION)
+        return None if value is None else str(value)
+
+
+def quantize_base(model: nn.Module, name: str) -> nn.Module:
+    """Quantize every linear layer of ``model`` but its heads (the task head, a decoder's vocabulary projection)
+    in place, as :data:`QUANTIZE` says for ``name``; the heads stay fp32 (small, and the task head trains)."""
+    from ..quant.layers import quantize
+
+    skip = tuple(head_paths(model))
+    output = getattr(model, "output_layer_path", None)
+    return quantize(model, skip=(*skip, output) if output else skip, **QUANTIZE[check_quantize(name)])
+
 
 def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
-    """Set up ``model`` for ``spec``: attach the delta (if any) and choose the trainable parameters."""
+    """Set up ``model`` for ``spec``: quantize the base (if asked), attach the delta (if any) and choose the
+    trainable parameters."""
+    if spec.quantize is not None:
+        quantize_base(model, spec.quantize)
     if spec.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -120,7 +192,7 @@ def apply_method(model: nn.Module, spec: MethodSpec) -> nn.Module:
 def delta_config(spec: MethodSpec) -> delta.DeltaConfig:
     """Build the :mod:`deltaformer.delta` config of ``spec``: option names, field names and the fields'
     ``aliases`` all name a field."""
-    cls = delta.config_class(spec.name)
+    cls = delta.config_class(delta_method(spec.name))
     names: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         for alias in (f.name, f.metadata.get("cli"), *f.metadata.get("aliases", ())):
@@ -128,12 +200,16 @@ def delta_config(spec: MethodSpec) -> delta.DeltaConfig:
                 names.setdefault(alias, f.name)
     kwargs: dict[str, Any] = {}
     for option, value in spec.options.items():
+        if option == QUANTIZE_OPTION:
+            continue
         target = names.get(option)
         if target is None:
             raise ConfigError(
                 f"method {spec.name!r} has no option {option!r}: its options are "
                 f"{', '.join(sorted(f.name for f in dataclasses.fields(cls)))}"
             )
+        if isinstance(value, list | tuple) and list(value) == [ALL_LINEAR]:
+            value = ALL_LINEAR  # the name list of one keyword: targets every linear layer but the heads
         kwargs[target] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
 
