@@ -243,10 +243,8 @@ def test_add_and_remove_a_delta_while_running(setup, server, client, tmp_path):
         client.completions.create(model="tiny:ia3-copy", prompt="x", max_tokens=2)
 
 
-# A prompt-tuning row that joins a batch already decoding is refused by DecodeState.add today (its cache is
-# sized from the prompt without the soft tokens; reported to the generation work), so it is checked alone.
-@pytest.mark.parametrize("method, beside_others", [("prefix", True), ("prompt", False)])
-def test_input_side_deltas_added_while_running(setup, server, client, method, beside_others):
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_input_side_deltas_added_while_running(setup, server, client, method):
     """Prefix and prompt tuning (soft tokens take cache positions) through the API equal generate too."""
     reference = tiny_llama(len(setup["tokenizer"]))
     reference.load_state_dict(setup["base_state"])
@@ -269,10 +267,6 @@ def test_input_side_deltas_added_while_running(setup, server, client, method, be
         def ask(job: tuple[str | None, str]) -> str:
             return client.completions.create(model=model_name(job[0]), prompt=job[1], max_tokens=8,
                                              temperature=0).choices[0].text
-
-        if not beside_others:
-            assert ask(mixed[0]) == want
-            return
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:  # soft-token rows batched beside others
             answers = list(pool.map(ask, mixed))
@@ -487,3 +481,47 @@ def test_a_queued_request_whose_client_leaves_frees_its_queue_place(setup):
         health = wait_health(url, "decoding")
         assert health["decoding"] == 0 and health["waiting"] == 0
     assert text == expected_tiny(service, "the", 5)
+
+
+
+def test_prompt_tuning_request_joins_a_running_batch(setup, tmp_path):
+    """A prompt-tuning request (soft tokens take cache positions) joins a batch that is already decoding a
+    long stream, beside bare and LoRA requests joining with it; each greedy answer equals offline generate."""
+    model = tiny_llama(len(setup["tokenizer"]), seed=3, context=1024)
+    reference = copy.deepcopy(model)
+    delta.attach(reference, delta.PromptConfig(num_virtual_tokens=3), "soft")
+    delta.attach(reference, DELTAS["lora"], "lora")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters(reference):
+            p.normal_(0, 0.3)
+    for name in ("soft", "lora"):
+        delta.save_delta(reference, tmp_path / name, name)
+    jobs = [("soft", "every user"), (None, "the quick brown"), ("lora", "a delta for"), ("soft", "one frozen model")]
+    want = []
+    for name, prompt in jobs:
+        ids = setup["tokenizer"].encode(prompt)
+        out = generate(reference, torch.tensor([ids]), deltas=[name],
+                       config=GenerationConfig(max_new_tokens=8, eos_token_id=0, pad_token_id=0))
+        want.append(text_of(setup, out[0, len(ids):].tolist()))
+    config = ServeConfig(api_key=KEY, max_batch=4, max_queue=8, max_tokens_limit=1000, port=0)
+    service = Service(model, setup["tokenizer"], config, "tiny")
+    for name in ("soft", "lora"):
+        service.registry.add(name, tmp_path / name, trusted=True)
+    with BackgroundServer(service) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        running = client.completions.create(model="tiny", prompt="the lazy dog", max_tokens=1000, temperature=0,
+                                            stream=True)
+        next(iter(running))
+        assert httpx.get(f"{url}/health").json()["decoding"] == 1
+
+        def ask(job: tuple[str | None, str]) -> str:
+            return client.completions.create(model=model_name(job[0]), prompt=job[1], max_tokens=8,
+                                             temperature=0).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, jobs))
+        still = httpx.get(f"{url}/health").json()["decoding"]  # the long stream decoded throughout
+        running.close()
+    assert still == 1
+    assert answers == want

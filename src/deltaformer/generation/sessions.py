@@ -257,6 +257,10 @@ def new_session(model: nn.Module, rows: list[int], forward_context: ForwardConte
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for the duration (the caller's mode comes back after)."""
+    if not any(m.training for m in model.modules()):  # already eval (every decode step): no mode to switch
+        with torch.no_grad():
+            yield
+        return
     was_training = model.training
     model.eval()
     try:

@@ -4,8 +4,10 @@ Every sequence (one choice of one request) carries its own delta, sampling setti
 limit. Between two decode steps the loop (1) runs queued changes to the model (adding or removing a delta),
 (2) drops sequences whose client went away, (3) prefills waiting sequences into free slots, and (4) runs one
 step for the whole batch. Each forward runs under ``delta.route`` with one delta name per row, so rows of
-different deltas, of any method, share one batched forward. Sampling, stopping and the KV cache belong to
-``generation.DecodeState``; this module only decides who is in the batch and passes tokens on.
+different deltas, of any method, share one batched forward. Sampling, end tokens, token limits and the KV
+cache belong to ``generation.DecodeState``; each sequence's ``IncrementalText`` decodes its tokens once, for
+the streamed text and its stop strings (a row that hits one leaves the batch, as in ``generate``). This
+module only decides who is in the batch and passes tokens on.
 
 The HTTP side lives on an asyncio loop; tokens cross over with ``loop.call_soon_threadsafe`` into each
 request's queue, so a slow client never holds up the decode loop.
@@ -81,7 +83,9 @@ class Scheduler:
         self.steps = 0
         self.generated = 0
         self.joining: list[Sequence] = []  # being prefilled: not yet in ``live``, their row ids not yet known
-        self.state = DecodeState(model, capacity=settings.max_batch, max_length=max_length, tokenizer=tokenizer,
+        # no tokenizer: each sequence's IncrementalText (streamed text and stop strings) decodes its tokens
+        # once, here, instead of DecodeState decoding them a second time for its own stop check
+        self.state = DecodeState(model, capacity=settings.max_batch, max_length=max_length,
                                  forward_context=self._route)
         self.thread = threading.Thread(target=self._loop, name="deltaformer-decode", daemon=True)
 
@@ -197,7 +201,7 @@ class Scheduler:
             return
         self.joining = batch
         try:
-            rows = self.state.add([s.prompt for s in batch], [s.config for s in batch])
+            rows = self.state.add([s.prompt for s in batch], [s.config.replace(stop_strings=None) for s in batch])
         except Exception as exc:
             self.joining = []
             if len(batch) > 1:
@@ -221,17 +225,25 @@ class Scheduler:
     def _step(self) -> None:
         events = self.state.step()
         self.steps += 1
+        stopped = []
         for event in events:
             seq = self.live.get(event.row)
             if seq is None or seq.done:
                 continue
             seq.tokens += 1
             self.generated += 1
-            piece = seq.stream.push(event.token)  # type: ignore[union-attr]
+            stream = seq.stream
+            assert stream is not None  # set by submit()
+            piece = stream.push(event.token)
             if piece:
                 seq.deliver(Event(seq.index, text=piece))
             if event.finished is not None:
                 self._finish(seq, event.finished)
+            elif stream.stopped:  # a stop string: the row leaves the batch here, as DecodeState would drop it
+                stopped.append(event.row)
+                self._finish(seq, "stop")
+        if stopped:
+            self.state.remove(stopped)
 
     def _finish(self, seq: Sequence, reason: str, error: ApiError | None = None) -> None:
         if seq.done:
