@@ -25,6 +25,12 @@ script works in a few minutes on a CPU; the full run (all test examples, 5 seeds
 instruction examples per task) is hours on 2 CPU cores and minutes on a GPU.
 
     python benchmarks/prompting.py [--quick] [--model smollm2-135m] [--mlm tiny-mlm] [--only zero_shot,icl,...]
+        [--tasks rt-polarity] [--limit rt-polarity=20,bbc-news=8,mlm=200] [--seeds 2] [--steps 8]
+        [--batch 4] [--train-length 192] [--per-task 20] [--instruction-steps 6] [--instruction-length 512]
+
+``--limit``, ``--seeds``, ``--steps``, ``--batch`` and ``--train-length`` take one number or ``task=N,...``; every
+row records its test examples, and the ``settings`` line every option. A GGUF model is read (dequantized) once
+per process: every later load, such as each seed's fresh PET and head model, copies those tensors.
 """
 
 from __future__ import annotations

@@ -47,6 +47,17 @@ def test_loss_only_on_the_assistant_replies_and_their_turn_end(tokenizer):
     assert encode_conversation(tokenizer, CHAT, conv, 5) is None  # no reply token survives the cut
 
 
+def test_a_long_input_gives_way_before_its_reply(tokenizer):
+    conv = Conversation(({"role": "user", "content": "hello there how are you " * 10},
+                         {"role": "assistant", "content": "fine thanks !"}))
+    full = encode_conversation(tokenizer, CHAT, conv, 512)
+    e = encode_conversation(tokenizer, CHAT, conv, 20)
+    assert len(full.input_ids) > 20 and len(e.input_ids) <= 20
+    learned = [t for t, y in zip(e.input_ids, e.labels) if y != -100]
+    assert learned == [t for t, y in zip(full.input_ids, full.labels) if y != -100]  # the reply is whole
+    assert e.input_ids[-len(learned):] == learned
+
+
 def test_packing_keeps_every_example_and_its_labels(tokenizer):
     convs = [Conversation(({"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes " * n}))
              for n in range(1, 7)]

@@ -49,32 +49,43 @@ class LMExample:
 
 
 def encode_conversation(tokenizer, fmt: ChatFormat, conversation: Conversation, max_length: int) -> LMExample | None:
-    """The conversation's ids and labels, cut to ``max_length``; None when no reply token survives the cut."""
+    """The conversation's ids and labels within ``max_length``: the longest system/user texts are shortened
+    first (from their end), so a long input gives way before its reply does; what still does not fit is cut
+    from the end. None when no reply token survives."""
     messages = list(conversation.messages)
     roles = [m["role"] for m in messages]
     glue = fmt.glue(roles, add_generation_prompt=False)
-    pieces: list[tuple[str, bool]] = [(glue[0], False)]
+    pieces: list[tuple[str, bool, bool]] = [(glue[0], False, False)]  # text, learned, a shortenable input text
     for i, m in enumerate(messages):
         reply = m["role"] == "assistant"
         after = glue[i + 1]
         if reply and fmt.closes_turns:
             closing = fmt.glue(roles[:i + 1], add_generation_prompt=False)[-1]
             if after.startswith(closing):
-                pieces += [(m["content"] + closing, True), (after[len(closing):], False)]
+                pieces += [(m["content"] + closing, True, False), (after[len(closing):], False, False)]
                 continue
-        pieces.append((m["content"], reply))
+        pieces.append((m["content"], reply, not reply))
         if reply and not fmt.closes_turns:
-            pieces.append(("\0eos", True))
-        pieces.append((after, False))
-    ids: list[int] = [] if fmt.closes_turns else list(special_frame(tokenizer)[0])
-    labels: list[int] = [-100] * len(ids)
-    for text, learn in pieces:
+            pieces.append(("\0eos", True, False))
+        pieces.append((after, False, False))
+    encoded: list[tuple[list[int], bool, bool]] = []
+    for text, learn, input_text in pieces:
         if text == "\0eos":
             if tokenizer.eos_token_id is None:
                 raise PromptError("the tokenizer has no eos token to end replies with: use a chat template")
             piece = [tokenizer.eos_token_id]
         else:
             piece = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        encoded.append((piece, learn, input_text))
+    ids: list[int] = [] if fmt.closes_turns else list(special_frame(tokenizer)[0])
+    excess = len(ids) + sum(len(p) for p, _, _ in encoded) - max_length
+    while excess > 0 and any(cut and p for p, _, cut in encoded):
+        i = max((j for j, (p, _, cut) in enumerate(encoded) if cut), key=lambda j: len(encoded[j][0]))
+        keep = max(0, len(encoded[i][0]) - excess)
+        excess -= len(encoded[i][0]) - keep
+        encoded[i] = (encoded[i][0][:keep], False, True)
+    labels: list[int] = [-100] * len(ids)
+    for piece, learn, _ in encoded:
         ids += piece
         labels += piece if learn else [-100] * len(piece)
     ids, labels = ids[:max_length], labels[:max_length]
