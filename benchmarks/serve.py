@@ -25,7 +25,7 @@ mode stops after ``--time-limit`` s, and each server is stopped when its mode en
 (``DIR/serve_record.txt``: collapsed stacks of every thread, with idle frames; ``DIR/serve_dump.txt``: one
 dump mid-load), for finding where a step's time goes; its timings are not results.
 
-    python benchmarks/serve.py [--requests 32] [--clients 8] [--tokens 64] [--max-batch 8] [--threads 2]
+    python benchmarks/serve.py [--requests 32] [--clients 8] [--tokens 64] [--max-batch 8] [--threads 1]
                                [--modes lora,mixed,peft]
     python benchmarks/serve.py --quick      # 10 requests, 4 clients, 8 tokens: checks that it all runs
     python benchmarks/serve.py --profile /tmp/prof [--py-spy PATH]
@@ -273,7 +273,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and of peft")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the server and of peft (on cores shared with other jobs, threads "
+                             "that wait for each other at every product slow both modes down unevenly)")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds each mode may take at most")
     parser.add_argument("--modes", default="lora,mixed,peft",
                         help="comma-separated: lora (one_at_a_time, batched), mixed (the *_mixed_methods pair), "
