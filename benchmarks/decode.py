@@ -1,13 +1,13 @@
 """Decoding speed: ``deltaformer.generation`` against ``transformers``' ``generate``, and per-sample deltas.
 
-SmolLM2-135M-Instruct in fp32, the same weights in both libraries (the GGUF asset converted once by
-``transformers``' own GGUF loader, then loaded by each), ``torch.set_num_threads(--threads)``. Every timing is
-a median of ``--repeats`` interleaved runs (benchmarks/timing.py). One JSON line per measurement:
+SmolLM2-135M-Instruct in fp32, the same weights in both libraries (the GGUF asset loaded by our GGUF loader
+and written once with ``save_pretrained``, then loaded by each), ``torch.set_num_threads(--threads)``. Every
+timing is a median of ``--repeats`` interleaved runs (benchmarks/timing.py). One JSON line per measurement,
+with ``loadavg``, the machine's 1-minute load when it was written (a shared machine inflates every figure):
 
 * ``greedy_b1`` / ``greedy_b8``: greedy decoding of a ``--prompt``-token prompt (batch 1, and 8 different
-  prompts left-padded... here all 8 of equal length) for ``--new`` new tokens (eos off, so both generate all
-  of them): new tokens/s of each and ``speedup`` (targets: >= 2.0 at batch 1, >= 1.5 at batch 8); ``same_ids``:
-  our ids equal HF's;
+  prompts of that length) for ``--new`` new tokens (eos off, so both generate all of them): new tokens/s of
+  each and ``speedup`` (targets: >= 2.0 at batch 1, >= 1.5 at batch 8); ``same_ids``: our ids equal HF's;
 * ``prefill``: one forward of the batch-1 prompt into an empty cache: prompt tokens/s (target >= 1.2x);
 * ``lora8``: 8 prompts on 8 different LoRA deltas (r=8, query/value, B random) generated in one batch
   (``mixed``), against the same 8 prompts all on one delta (``single``; target mixed <= 1.25x single), against
@@ -17,7 +17,8 @@ a median of ``--repeats`` interleaved runs (benchmarks/timing.py). One JSON line
 
 The GGUF loading peak-RSS comparison is ``benchmarks/gguf_load.py``.
 
-    python benchmarks/decode.py [--prompt 128] [--new 128] [--repeats 5] [--threads 2]
+    python benchmarks/decode.py [--prompt 128] [--new 128] [--lora-new N] [--repeats 5] [--threads 2]
+                                [--skip-lora | --skip-speed]
     python benchmarks/decode.py --quick      # 16-token prompts, 8 new tokens, 1 repeat: checks that it runs
 """
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,9 +104,14 @@ def hf_checkpoint(asset: str) -> Path:
     if (path / "config.json").is_file():
         return path
     out = Path.home() / ".cache" / "deltaformer" / "bench" / f"{asset}-hf"
-    if not (out / "config.json").is_file():
-        LlamaForCausalLM.from_pretrained(asset).save_pretrained(out)
-        AutoTokenizer.from_pretrained(asset).save_pretrained(out)
+    if not all((out / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{asset}-") as tmp:  # complete, or not there
+            LlamaForCausalLM.from_pretrained(asset).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(asset).save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            Path(tmp).rename(out)
+            Path(tmp).mkdir()  # for the context manager to remove
     return out
 
 
@@ -169,9 +177,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="asset name or HF directory of a Llama-family LM")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--new", type=int, default=128, help="new tokens (default 128)")
+    parser.add_argument("--lora-new", type=int, default=None, help="new tokens of the lora8 rows (default --new)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-lora", action="store_true", help="only the speed rows")
+    parser.add_argument("--skip-speed", action="store_true", help="only the lora8 row")
     parser.add_argument("--quick", action="store_true", help="16-token prompts, 8 new tokens, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -184,11 +194,19 @@ def main() -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                            attn_implementation="sdpa").eval()
     ours = LlamaForCausalLM.from_pretrained(checkpoint).eval()
-    rows = speed_rows(ours, hf, tokenizer, args)
-    if not args.skip_lora:
-        rows += lora_rows(ours, checkpoint, tokenizer, args)
+    rows = [] if args.skip_speed else speed_rows(ours, hf, tokenizer, args)
     for row in rows:
-        print(json.dumps({"benchmark": "decode", "model": args.model, "threads": args.threads, **row}), flush=True)
+        report(args, row)
+    if not args.skip_lora:
+        args.new = args.lora_new or args.new
+        for row in lora_rows(ours, checkpoint, tokenizer, args):
+            report(args, row)
+
+
+def report(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """One JSON line; ``loadavg``: the machine's 1-minute load when it was measured (2 cores, shared)."""
+    print(json.dumps({"benchmark": "decode", "model": args.model, "threads": args.threads, **row,
+                      "repeats": args.repeats, "loadavg": round(os.getloadavg()[0], 1)}), flush=True)
 
 
 if __name__ == "__main__":

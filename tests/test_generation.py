@@ -307,3 +307,32 @@ def test_generate_and_chat_commands(tmp_path, capsys, monkeypatch):
     lines = out.splitlines()
     assert len(lines) == 4 and lines[2] == "(history cleared)"
     assert lines[3] == lines[0]  # after /reset the same message meets the same (empty) history
+
+
+@pytest.mark.slow
+@pytest.mark.assets
+def test_smollm2_greedy_and_beam_ids_equal_transformers(tmp_path):
+    """The real model (the GGUF asset, loaded here), and the same weights in ``transformers`` through
+    ``save_pretrained``: 64 new tokens, greedy and 4 beams, on a left-padded batch of two prompts."""
+    import transformers
+
+    from deltaformer.models import LlamaForCausalLM
+    from deltaformer.tokenizer import AutoTokenizer
+
+    ours = LlamaForCausalLM.from_pretrained("smollm2-135m").eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m")
+    prompts = [tokenizer.encode("The history of the printing press begins"),
+               tokenizer.encode("Here is a short poem about the sea:\n")]
+    ids, mask = _left_padded_lists(prompts)
+    eos = tokenizer.eos_token_id
+    for beams in (1, 4):
+        with torch.no_grad():
+            expected = _hf_generate(hf, ids, mask, max_new_tokens=NEW, num_beams=beams, eos_token_id=eos,
+                                    pad_token_id=0, length_penalty=1.0, early_stopping=False)
+        got = generate(ours, ids, mask, max_new_tokens=NEW, num_beams=beams, eos_token_id=eos, pad_token_id=0,
+                       length_penalty=1.0, early_stopping=False)
+        assert got.tolist() == expected.tolist(), beams
+        assert got.shape[1] > ids.shape[1] + NEW // 2  # the rows really decode, not stop at once

@@ -6,9 +6,10 @@ merge order), whether a :meth:`~DeltaRouter.bare` block is open, and the per-sam
 the part's own slot names; a part then gathers its slices by the selection's index.
 
 Selections are cached, keyed by everything they are computed from that a part owns (its slot names, its
-merged names, the batch size when routing, the device). Everything the router owns changes only through
-its methods, and each of them drops the cache, so no caller has to remember to: a cached selection is
-valid by construction.
+merged names, the batch size when routing, the device) and by the per-sample names of an open routing
+block (so decoding, which enters the same routing on every step, computes each part's index once).
+Everything else the router owns changes only through its methods, and each of them drops the cache, so no
+caller has to remember to: a cached selection is valid by construction.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from ..errors import DeltaError
 from .config import DeltaConfig
+
+#: Most selections kept (each part's, for each routing seen since the router's state last changed).
+CACHE_SIZE = 4096
 
 #: Slot index a routed sample uses for "no delta" (the bare model), and the position route() accepts for it.
 BARE = -1
@@ -148,13 +152,11 @@ class DeltaRouter:
         self.check_names(names)
         self.refuse_merged("route samples to deltas")
         saved = self._routed
-        self._routed = names
-        self._changed()
+        self._routed = names  # part of the selection cache's key: re-entering the same routing hits the cache
         try:
             yield
         finally:
             self._routed = saved
-            self._changed()
 
     @contextmanager
     def bare(self) -> Iterator[None]:
@@ -192,9 +194,11 @@ class DeltaRouter:
         """The :class:`Selection` of a part holding ``slots`` for a batch of ``batch`` samples, or None."""
         if self._bare or not slots:
             return None
-        key = (tuple(slots), frozenset(merged), batch if self._routed is not None else None, device)
+        key = (tuple(slots), frozenset(merged), (self._routed, batch) if self._routed is not None else None, device)
         if key in self._cache:
             return self._cache[key]
+        if len(self._cache) >= CACHE_SIZE:  # many different routings (a server's changing batches): start over
+            self._cache.clear()
         if self._routed is not None:
             sel = self._routed_selection(slots, batch, device)
         else:

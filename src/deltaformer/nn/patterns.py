@@ -140,8 +140,12 @@ class Causal(Pattern):
     def _mask(self, q_len: int, k_len: int, slots: int, key_mask: Tensor | None, device: torch.device):
         """As the base, but a query that may see no key at all (a left-padding position, which sees only
         earlier padding) sees every key instead: its output is never read, and a fully masked row would
-        otherwise leave the fast kernels to return zeros on one device and NaN on another."""
-        mask = super()._mask(q_len, k_len, slots, key_mask, device)
+        otherwise leave the fast kernels to return zeros on one device and NaN on another. A single query (a
+        decoding step) is the newest position and sees every key: only padding masks it, or nothing."""
+        if q_len == 1:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+        else:
+            mask = super()._mask(q_len, k_len, slots, key_mask, device)
         if key_mask is None or mask is None:
             return mask
         return mask | ~mask.any(-1, keepdim=True)
