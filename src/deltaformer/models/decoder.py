@@ -135,7 +135,8 @@ class DecoderModel(PreTrainedModel):
     def new_cache(self, batch: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` positions (prompt + new)."""
-        weight = self.get_input_embeddings().weight
+        # dtype and device from a parameter, not the embedding's .weight: a packed table would dequantize whole
+        weight = next(p for p in self.parameters() if p.is_floating_point())
         attn = cast(DecoderLayer, self.layers[0]).attn  # the stack is made of DecoderLayer blocks
         return KVCache(len(self.layers), batch, max_length, attn.n_kv_heads, attn.head_dim,
                        dtype=dtype or weight.dtype, device=device or weight.device)
