@@ -70,6 +70,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "LM on the raw text of --train (blocks of --max-length tokens, default 512 or the context)")
     g.add_argument("--validation", type=Path, help="validation file (default: 10%% of --train, stratified)")
     g.add_argument("--test", type=Path, help="test file, scored at the end")
+    g.add_argument("--limit", type=int, default=None,
+                   help="keep only the first N examples of each split (quick runs; splits are shuffled)")
     g.add_argument("--text-field", default="text", help="column/key of the text")
     g.add_argument("--pair-field", default=None, help="column/key of a second text (sentence-pair tasks)")
     g.add_argument("--label-field", default="label", help="column/key of the label")
