@@ -172,10 +172,10 @@ def test_merging_an_fp32_run_reports_what_quantizing_it_costs(workspace, capsys)
 @pytest.mark.assets
 def test_qlora_on_minilm_rt_polarity_learns_and_reloads(tmp_path, capsys):
     out = tmp_path / "qlora"
-    assert main(["finetune", "minilm", "--task", "rt-polarity", "--method", "qlora", "--limit", "200", "--epochs", "2",
+    assert main(["finetune", "minilm", "--task", "rt-polarity", "--method", "qlora", "--limit", "600", "--epochs", "2",
                  "--batch-size", "16", "--max-length", "48", "--no-progress", "--out", str(out)]) == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
-    assert results["test"]["accuracy"] >= 0.6, results["test"]  # chance is 0.5
+    assert results["test"]["accuracy"] >= 0.65, results["test"]  # chance is 0.5; 0.77 measured at these settings
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == results["test"]["accuracy"]
