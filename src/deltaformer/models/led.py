@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from ..checkpoints.names import NameMap
 from ..config import LEDConfig
 from ..errors import InputError
-from ..nn.attention import KVCache, SelfAttention
+from ..nn.attention import CrossAttention, KVCache, SelfAttention
 from ..nn.dropout import Dropout
-from ..nn.linear import Linear, linear
+from ..nn.linear import linear
 from ..nn.mlp import FeedForward
-from ..nn.patterns import Causal, Full
+from ..nn.patterns import Causal
 from .base import Output, PreTrainedModel
 from .common import check_length, check_token_ids, key_mask_from, residual_add
 from .longformer import LongformerLayer, LongformerOutput, run_layers
@@ -67,42 +67,6 @@ class Seq2SeqOutput(Output):
     encoder_hidden_states: tuple[Tensor, ...] | None = None
     encoder_attentions: tuple[Tensor, ...] | None = None
     encoder_global_attentions: tuple[Tensor, ...] | None = None
-
-
-class CrossAttention(nn.Module):
-    """Decoder queries over the encoder's output, whose keys and values are made once per input.
-
-    Not a :class:`SelfAttention`: its forward takes the encoder's keys and values, which no self-attention
-    call does. It has the same projections under the same names (``query``, ``key``, ``value``, ``out``:
-    plain linears that deltas wrap by name) and full attention over the memory.
-    """
-
-    def __init__(self, dim: int, n_heads: int, *, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = dim // n_heads
-        self.query = Linear(dim, dim)
-        self.key = Linear(dim, dim)
-        self.value = Linear(dim, dim)
-        self.out = Linear(dim, dim)
-        self.dropout = dropout
-        self.pattern = Full()
-
-    def split_heads(self, x: Tensor) -> Tensor:
-        """(B, S, dim) -> (B, heads, S, head_dim)."""
-        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
-
-    def memory(self, states: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of the encoder's output (B, S, dim): reused at every decoding step."""
-        return self.split_heads(self.key(states)), self.split_heads(self.value(states))
-
-    def forward(
-        self, x: Tensor, memory: tuple[Tensor, Tensor], memory_mask: Tensor | None, *, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        q = self.split_heads(self.query(x))
-        out, weights = self.pattern.attend(q, *memory, key_mask=memory_mask, need_weights=need_weights,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), weights
 
 
 class LEDDecoderLayer(nn.Module):

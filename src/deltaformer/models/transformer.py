@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..checkpoints.names import NameMap
 from ..config import TransformerConfig
 from ..errors import InputError
-from ..nn.attention import SelfAttention
+from ..nn.attention import CrossAttention, SelfAttention
 from ..nn.dropout import Dropout
 from ..nn.kv_cache import CacheLayer
 from ..nn.linear import Linear, linear
@@ -97,35 +97,6 @@ def attention_mask_of(mask: Tensor | None, batch: int, heads: int, name: str) ->
 # --- layers -------------------------------------------------------------------------------------------------
 
 
-class CrossAttention(nn.Module):
-    """Decoder queries over the encoder's output (the memory), whose keys and values are made once per input.
-
-    The same projections as :class:`~deltaformer.nn.attention.SelfAttention`, under the same names (``query``,
-    ``key``, ``value``, ``out``), and the :class:`~deltaformer.nn.patterns.Full` pattern.
-    """
-
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.query, self.key, self.value, self.out = (Linear(dim, dim) for _ in range(4))
-        self.dropout = dropout
-        self.pattern = Full()
-
-    def split_heads(self, x: Tensor) -> Tensor:
-        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
-
-    def memory(self, states: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of the encoder's output (B, S, dim): reused at every decoding step."""
-        return self.split_heads(self.key(states)), self.split_heads(self.value(states))
-
-    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor], key_mask: Tensor | None,
-                attn_mask: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        out, weights = self.pattern.attend(self.split_heads(self.query(x)), *memory, key_mask=key_mask,
-                                           attn_mask=attn_mask, need_weights=need_weights,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), weights
-
-
 class EncoderLayer(nn.Module):
     """Self-attention, then the feed-forward; each ``norm(x + dropout(block(x)))``."""
 
@@ -165,7 +136,7 @@ class DecoderLayer(nn.Module):
                                                 attn_mask=masks.attn_mask)
         x = self.self_norm(residual_add(self.dropout(attended), x))
         attended, cross_weights = self.cross_attn(x, memory, masks.memory_key_mask, masks.memory_attn_mask,
-                                                  need_weights)
+                                                  need_weights=need_weights)
         x = self.cross_norm(residual_add(self.dropout(attended), x))
         return self.mlp_norm(residual_add(self.dropout(self.mlp(x)), x)), (self_weights, cross_weights)
 

@@ -149,3 +149,35 @@ class KVCache:
             v = torch.cat([self.value, v], dim=2)
         self.key, self.value = k, v
         return k, v
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder's output (the memory), whose keys and values are made once per input.
+
+    Not a :class:`SelfAttention`: its forward takes the encoder's keys and values, which no self-attention call
+    does. It has the same projections under the same names (``query``, ``key``, ``value``, ``out``: plain linears
+    that deltas wrap by name) and full attention over the memory. The LED and the original Transformer use it.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.query, self.key, self.value, self.out = (Linear(dim, dim) for _ in range(4))
+        self.dropout = dropout
+        self.pattern = Full()
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, S, dim) -> (B, heads, S, head_dim)."""
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def memory(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the encoder's output (B, S, dim): reused at every decoding step."""
+        return self.split_heads(self.key(states)), self.split_heads(self.value(states))
+
+    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor], key_mask: Tensor | None,
+                attn_mask: Tensor | None = None, *, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``key_mask`` marks the memory's real positions; ``attn_mask`` (torch's conventions) is added on top."""
+        out, weights = self.pattern.attend(self.split_heads(self.query(x)), *memory, key_mask=key_mask,
+                                           attn_mask=attn_mask, need_weights=need_weights,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), weights
