@@ -160,22 +160,30 @@ def _check_unmerge_order(router: DeltaRouter, name: str) -> None:
                          f"IA3 scales weights, so unmerge {later[-1]!r} first, or call unmerge(model) for all")
 
 
+def deltas_to_merge(router: DeltaRouter, names: str | Sequence[str] | None, error: type[Exception],
+                    action: str) -> list[str]:
+    """The deltas a merge-and-unload folds in (default: all attached), checked before anything changes: every
+    one attached and mergeable, and none left over (removing the wrappers would drop it). ``error`` and
+    ``action`` name the caller in the messages (``delta.merge_and_unload``, ``quant.merge``)."""
+    chosen = list(router.deltas) if names is None else [names] if isinstance(names, str) else list(names)
+    rest = [n for n in router.deltas if n not in chosen]
+    if rest:
+        raise error(f"{action} would drop unmerged delta(s) {', '.join(rest)}: detach them first or merge them too")
+    for n in chosen:
+        if n not in router.deltas:
+            raise error(f"no delta named {n!r} is attached: attached are {', '.join(router.deltas)}")
+        method = method_for(router.deltas[n].method)
+        if not method.mergeable:
+            raise error(f"{method.name} delta {n!r} cannot merge ({method.merge_reason}): detach it before "
+                        f"{action}, or save it with save_delta")
+    return chosen
+
+
 def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
     """Merge the named deltas (default: all attached) and remove every wrapper, leaving a plain model whose
     ``save_pretrained`` writes an ordinary HF checkpoint. Deltas that cannot merge must be detached first."""
     router = require_router(model)
-    chosen = list(router.deltas) if names is None else [names] if isinstance(names, str) else list(names)
-    rest = [n for n in router.deltas if n not in chosen]
-    if rest:
-        raise DeltaError(f"merge_and_unload would drop unmerged delta(s) {', '.join(rest)}: detach them first "
-                         "or merge them too")
-    for n in chosen:
-        if n not in router.deltas:
-            raise DeltaError(f"no delta named {n!r} is attached: attached are {', '.join(router.deltas)}")
-        method = method_for(router.deltas[n].method)
-        if not method.mergeable:
-            raise DeltaError(f"{method.name} delta {n!r} cannot merge ({method.merge_reason}): detach it before "
-                             "merge_and_unload, or save it with save_delta")
+    chosen = deltas_to_merge(router, names, DeltaError, "merge_and_unload")
     for n in _in_part_order(router, chosen):
         merge(model, n)
     return unload(model)

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..delta.api import _in_part_order, merge_and_unload
+from ..delta.api import _in_part_order, deltas_to_merge, merge_and_unload
 from ..delta.host import require_router
-from ..delta.method import method_for
 from ..delta.wrappers import DeltaLinear, DeltaQuantLinear
 from ..errors import QuantError
 from ..nn.linear import Linear
@@ -131,17 +130,7 @@ def merge_quantized(model: nn.Module, names: str | Sequence[str] | None = None, 
     against that scheme's rounding. Nothing changes when anything is refused (all new layers are built first).
     """
     router = require_router(model)
-    chosen = list(router.deltas) if names is None else [names] if isinstance(names, str) else list(names)
-    for n in chosen:
-        if n not in router.deltas:
-            raise QuantError(f"no delta named {n!r} is attached: attached are {', '.join(router.deltas)}")
-        method = method_for(router.deltas[n].method)
-        if not method.mergeable:
-            raise QuantError(f"{method.name} delta {n!r} cannot merge ({method.merge_reason}): detach it, or save "
-                             "it with save_delta")
-    rest = [n for n in router.deltas if n not in chosen]
-    if rest:
-        raise QuantError(f"merging would drop unmerged delta(s) {', '.join(rest)}: detach them first or merge them too")
+    chosen = deltas_to_merge(router, names, QuantError, "merging")
     have = base_scheme(model)
     if have is None:
         raise QuantError("this model has no quantized layer: merge with deltaformer.delta.merge_and_unload")
