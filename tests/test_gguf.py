@@ -384,6 +384,8 @@ from deltaformer.models import LlamaForCausalLM
 def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
+import torch, deltaformer.quant.files, deltaformer.quant.gguf_linear  # what the load imports or starts lazily
+torch.randn(512, 512).mm(torch.randn(512, 512)).argsort(dim=-1)  # torch's thread pool and per-thread buffers
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current resident set
 model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_packed=sys.argv[2] == "packed")

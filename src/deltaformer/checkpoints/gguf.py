@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import struct
 import threading
@@ -64,6 +65,8 @@ _DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+
+_IOV_MAX = 1024  # buffers one preadv call may take (Linux)
 
 
 class _Truncated(Exception):
@@ -276,11 +279,25 @@ class GGUFCheckpoint:
         info = self._tensors[name]
         return RawTensor(name, self._read(info), info.type, info.shape)
 
-    def _read(self, info: TensorInfo) -> Tensor:
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+    def _read(self, info: TensorInfo, row_bytes: int | None = None, destination: Tensor | None = None) -> Tensor:
+        """The tensor's bytes, flat; or, given ``row_bytes`` and ``destination`` (the index each stored row goes
+        to), as rows scattered straight into place, so reordering rows needs no second copy."""
+        if row_bytes is None or destination is None:
+            data = torch.empty(info.nbytes, dtype=torch.uint8)
+            buffers = [data.numpy().data]
+        else:
+            data = torch.empty(info.nbytes // row_bytes, row_bytes, dtype=torch.uint8)
+            rows = data.numpy()
+            buffers = [rows[i].data for i in destination.tolist()]
+        got = 0
         with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(info.offset)
-            got = fh.readinto(data.numpy().data)
+            for start in range(0, len(buffers), _IOV_MAX):
+                chunk = buffers[start:start + _IOV_MAX]
+                size = sum(b.nbytes for b in chunk)
+                read = os.preadv(fh.fileno(), chunk, info.offset + got)
+                got += read
+                if read != size:
+                    break
         if got != info.nbytes:
             raise CheckpointError(f"{self.path}: tensor {info.name} is cut short (the file changed while "
                                   "loading, or is truncated)")
@@ -316,9 +333,12 @@ class GGUFCheckpoint:
         block, type_size = GGML_QUANT_SIZES[info.type]
         if len(info.shape) != 2 or info.shape[1] % block:
             return None
-        rows = self._read(info).view(info.shape[0], info.shape[1] // block * type_size)
+        row_bytes = info.shape[1] // block * type_size
         heads = self._rotary_heads(name)
-        return rows if heads is None else unpermute_rotary(rows, heads).contiguous()
+        if heads is None:
+            return self._read(info).view(info.shape[0], row_bytes)
+        hf_order = unpermute_rotary(torch.arange(info.shape[0]), heads)  # HF row i is stored row hf_order[i]
+        return self._read(info, row_bytes, destination=torch.argsort(hf_order))
 
     def dequantized(self, name: str, out: Tensor | None = None) -> Tensor:
         """Tensor ``name`` in fp32 and HF layout, unpacked into ``out`` when given (its shape and dtype fp32)."""
