@@ -103,3 +103,18 @@ def test_builtin_tasks_have_fixed_documented_splits():
         assert hashlib.sha256("\n".join(f"{e.label}\t{e.text}" for e in test).encode()).hexdigest()[:16] == digest
     with pytest.raises(DataError, match="unknown task"):
         load_task("imdb")
+
+
+@pytest.mark.assets
+def test_tasks_verb_lists_sequence_to_sequence_tasks_with_their_group_balance(capsys):
+    import json
+
+    from deltaformer.cli.main import main
+
+    assert main(["tasks", "bbc-headlines", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["bbc-headlines"]
+    sizes = {split: s["size"] for split, s in info["splits"].items()}
+    assert sizes == {"train": 1672, "validation": 209, "test": 208}
+    assert info["max_target_length"] == 32 and len(info["labels"]) == 5
+    assert all(sum(s["labels"].values()) == s["size"] for s in info["splits"].values())
+    assert main(["tasks"]) == 0 and "bbc-headlines:" in capsys.readouterr().out
