@@ -12,6 +12,8 @@ Sections (each appends JSON lines to ``--out``, default ``benchmarks/quantizatio
   change has its standard error from the per-block differences (paired), each scheme its per-layer relative
   weight error, and a grid check sets NF4's error on the Q4_1 values beside its error on weights moved off that
   grid. Targets: int8 / LLM.int8 within +0.5%, NF4 within +5%.
+* ``outliers``: per projection of SmolLM2, how many input features reach LLM.int8's threshold (6.0) on Brown text.
+* ``bytes``: bytes per weight of each scheme, from the buffers of SmolLM2's quantized block linears.
 * ``accuracy``: MiniLM fully fine-tuned on rt-polarity (fp32, seed 0), then every linear layer but its
   classifier quantized with int8, LLM.int8, NF4 (double quantization) and W8A8 (int8 weights and activations):
   test accuracy within 0.5 point (int8, LLM.int8, W8A8) and 1 point (NF4) of fp32; flipped predictions counted.
@@ -250,6 +252,48 @@ def section_perplexity(args, out: Path) -> None:
             record["bitsandbytes_max_abs_difference"] = bnb_nf4_difference(reference)
         emit(out, record)
         del model
+
+
+def section_outliers(args, out: Path) -> None:
+    """LLM.int8's outlier features on SmolLM2: per projection, the input features whose |x| reaches the threshold
+    (6.0) in any of the first ``--outlier-blocks`` Brown blocks, and the largest |x| seen."""
+    from deltaformer.models import LlamaForCausalLM
+    from deltaformer.quant.layers import OUTLIER_THRESHOLD
+    from deltaformer.tokenizer import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m")
+    rows = brown_blocks(tokenizer, args.outlier_blocks, 256)
+    model = LlamaForCausalLM.from_pretrained("smollm2-135m").eval()
+    seen: dict[str, dict[str, Any]] = {}
+
+    def hook(name: str):
+        def record(module, inputs, output) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs()
+            entry = seen.setdefault(name, {"features": torch.zeros(x.shape[1], dtype=torch.bool), "max": 0.0})
+            entry["features"] |= (x >= OUTLIER_THRESHOLD).any(dim=0)
+            entry["max"] = max(entry["max"], float(x.max()))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in _plain_linears(model)]
+    # query / key / value run as one product on their concatenated weights (their modules are not called):
+    # their shared input is the attention module's
+    handles += [m.register_forward_hook(hook(n + ".query/key/value")) for n, m in model.named_modules()
+                if n.endswith(".attn")]
+    block_nll(model, rows)
+    for h in handles:
+        h.remove()
+    per_kind: dict[str, dict[str, Any]] = {}
+    for name, entry in seen.items():
+        kind = per_kind.setdefault(name.rsplit(".", 1)[-1], {"layers": 0, "layers_with_outliers": 0,
+                                                             "most_outlier_features": 0, "largest_abs_input": 0.0})
+        count = int(entry["features"].sum())
+        kind["layers"] += 1
+        kind["layers_with_outliers"] += int(count > 0)
+        kind["most_outlier_features"] = max(kind["most_outlier_features"], count)
+        kind["largest_abs_input"] = round(max(kind["largest_abs_input"], entry["max"]), 3)
+    emit(out, {"section": "outliers", "model": "smollm2-135m (Q4_1 GGUF, dequantized)", "threshold": OUTLIER_THRESHOLD,
+               "text": f"Brown documents 0, 25, 50, ...: the first {rows.shape[0]} blocks of 256 tokens",
+               "tokens": rows.numel(), "per_projection": dict(sorted(per_kind.items()))})
 
 
 # --- bytes per weight -----------------------------------------------------------------------------------
@@ -559,6 +603,7 @@ def main() -> None:
     p.add_argument("--sections", default="perplexity,accuracy,qlora,step")
     p.add_argument("--out", type=Path, default=HERE / "quantization_quality_cpu.jsonl")
     p.add_argument("--blocks", type=int, default=64, help="perplexity: blocks of 256 Brown tokens")
+    p.add_argument("--outlier-blocks", type=int, default=8, help="outliers: blocks of 256 Brown tokens")
     p.add_argument("--ppl-variants", default="", help="perplexity: comma-separated variant names (default all)")
     p.add_argument("--train", type=int, default=1000, help="rt-polarity: first N training examples")
     p.add_argument("--validation", type=int, default=200, help="rt-polarity: first N validation examples")
@@ -586,6 +631,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "perplexity" in sections:
         section_perplexity(args, args.out)
+    if "outliers" in sections:
+        section_outliers(args, args.out)
     if "bytes" in sections:
         section_bytes(args, args.out)
     if "accuracy" in sections:
