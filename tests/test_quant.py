@@ -180,6 +180,43 @@ def test_quantize_model_replaces_linears_and_keeps_heads(monkeypatch):
     assert (model(x) - ref).abs().max() < 0.05
 
 
+def test_quantize_keeps_the_output_heads_fp32_by_default():
+    from deltaformer.config import BertConfig, LlamaConfig
+    from deltaformer.models import BertForSequenceClassification, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    for tie in (True, False):
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                             tie_word_embeddings=tie)
+        model = LlamaForCausalLM(config).eval()
+        assert layers.default_skip(model) == ("lm_head",)
+        assert layers.default_skip(model, tied=False) == (() if tie else ("lm_head",))
+        ids = torch.randint(0, 96, (1, 7))
+        with torch.no_grad():
+            ref = model(ids).logits
+        quantize(model, "int8")
+        assert type(model.lm_head) is not QuantLinear and isinstance(model.backbone.layers[0].mlp.down, QuantLinear)
+        with torch.no_grad():
+            assert (model(ids).logits - ref).abs().max() < 0.05
+        if tie:  # embeddings=True asks for the tied table and head to be quantized together
+            fresh = quantize(LlamaForCausalLM(config).eval(), "int8", embeddings=True)
+            assert isinstance(fresh.lm_head, QuantLinear)
+            assert isinstance(fresh.backbone.get_input_embeddings(), layers.QuantEmbedding)
+        everything = quantize(LlamaForCausalLM(config).eval(), "int8", skip=())
+        assert isinstance(everything.lm_head, QuantLinear)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, intermediate_size=128,
+                                                    max_position_embeddings=16, extra={"num_labels": 2}))
+    assert layers.default_skip(bert) == ("classifier",)
+    quantize(bert, "nf4")
+    assert type(bert.classifier) is not QuantLinear and isinstance(bert.get_submodule(next(n for n, _ in bert.named_modules() if n.endswith("pooler.dense"))), QuantLinear)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    assert layers.default_skip(plain) == ("2",)  # a model without declared heads: its last linear
+    quantize(plain, "int8")
+    assert isinstance(plain[0], QuantLinear) and type(plain[2]) is torch.nn.Linear
+
+
 def test_bad_input():
     with pytest.raises(QuantError, match="unknown quantization scheme"):
         QuantLinear(torch.nn.Linear(8, 8), "int3")
@@ -190,7 +227,7 @@ def test_bad_input():
     with pytest.raises(QuantError, match="per output channel only"):
         QuantLinear(torch.nn.Linear(8, 8), "llm_int8", granularity="tensor")
     with pytest.raises(QuantError, match=r"layer 0: .*group size"):
-        quantize(torch.nn.Sequential(torch.nn.Linear(48, 8)), "int8", granularity="group", group_size=32)
+        quantize(torch.nn.Sequential(torch.nn.Linear(48, 8)), "int8", skip=(), granularity="group", group_size=32)
     bad = torch.nn.Linear(8, 8)
     bad.weight.data[0, 0] = float("nan")
     with pytest.raises(QuantError, match="NaN"):

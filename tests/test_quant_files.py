@@ -31,9 +31,10 @@ def _tiny_llama(tmp_path, tie: bool = True):
     return model, tmp_path / "fp32"
 
 
-@pytest.mark.parametrize("scheme, extra", [("nf4", []), ("fp4", ["--no-double-quant"]), ("int8", []),
+@pytest.mark.parametrize("scheme, extra", [("nf4", []), ("fp4", ["--no-double-quant"]), ("int8", ["--all-layers"]),
                                            ("zeropoint", ["--granularity", "group", "--group-size", "32"]),
-                                           ("int4", []), ("w8a8", []), ("llm_int8", ["--skip", "lm_head"])])
+                                           ("int4", ["--all-layers"]), ("w8a8", []),
+                                           ("llm_int8", ["--skip", "lm_head", "down"])])
 def test_quantize_cli_round_trips_packed(tmp_path, scheme, extra, capsys):
     model, src = _tiny_llama(tmp_path)
     out = tmp_path / "q"
@@ -44,8 +45,11 @@ def test_quantize_cli_round_trips_packed(tmp_path, scheme, extra, capsys):
     loaded = LlamaForCausalLM.from_pretrained(out)
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     assert set(layers) == set(meta["layers"]) and all(m.scheme == scheme for m in layers.values())
-    assert ("lm_head" in layers) == ("lm_head" not in extra)
-    quantize(model, scheme, skip=tuple(extra[1:]) if extra[:1] == ["--skip"] else (),
+    assert ("lm_head" in layers) == ("--all-layers" in extra)  # the head stays fp32 unless asked
+    assert ("backbone.layers.0.mlp.down" in layers) == ("down" not in extra)
+    skip = tuple(extra[1:]) if extra[:1] == ["--skip"] else () if "--all-layers" in extra else None
+    assert meta["options"]["skip"] == (["lm_head"] if skip is None else list(skip))
+    quantize(model, scheme, skip=skip,
              double_quant="--no-double-quant" not in extra,
              granularity=extra[1] if extra[:1] == ["--granularity"] else "channel", group_size=32)
     ours = model.state_dict()
@@ -101,7 +105,7 @@ def test_metadata_that_does_not_match_tensors_is_a_clear_error(tmp_path):
 
     def wrong_layer(meta, tensors):
         spec = json.loads(meta[files.META_KEY])
-        spec["layers"]["backbone.layers.0.nope"] = spec["layers"]["lm_head"]
+        spec["layers"]["backbone.layers.0.nope"] = spec["layers"]["backbone.layers.0.attn.query"]
         meta[files.META_KEY] = json.dumps(spec)
 
     _rewrite(file, wrong_layer)
@@ -119,6 +123,10 @@ def test_bad_requests_write_nothing(tmp_path, capsys):
     assert main(["quantize", str(src), "--scheme", "int8", "--granularity", "group", "--group-size", "48",
                  "--out", str(out)]) == 2
     assert "multiple of the group size" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--scheme", "int8", "--skip", "lm_head", "--all-layers", "--out", str(out)]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--scheme", "q8_0", "--gguf", "--all-layers", "--out", str(out)]) == 2
+    assert "do not apply to --gguf" in capsys.readouterr().err
     assert not out.exists()
     assert main(["quantize", str(src), "--scheme", "int8", "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -18,8 +18,8 @@ from ..errors import QuantError
 from . import kernels, schemes
 from .base import ROWS_PER_BLOCK, QuantizedLinear, RowFn, fused_product
 
-__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantEmbedding", "QuantLinear", "quantize", "tie_embeddings",
-           "tied_embeddings"]
+__all__ = ["OUTLIER_THRESHOLD", "ROWS_PER_BLOCK", "SCHEMES", "QuantEmbedding", "QuantLinear", "default_skip", "quantize",
+           "tie_embeddings", "tied_embeddings"]
 
 #: LLM.int8 outlier threshold: input features with any |x| >= this run in fp32 (Dettmers et al. 2022).
 OUTLIER_THRESHOLD = 6.0
@@ -295,21 +295,44 @@ def tied_embeddings(model: nn.Module) -> dict[str, str]:
             if isinstance(m, QuantEmbedding) and id(m.head) in heads}
 
 
-def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] = (), blocksize: int = 64,
+def default_skip(model: nn.Module, tied: bool = True) -> tuple[str, ...]:
+    """The linear layers :func:`quantize` keeps in fp32 unless told otherwise: the model's output heads.
+
+    The rule of ``transformers``' bitsandbytes integration (``get_keys_to_not_convert``; QLoRA quantizes only the
+    layers inside the blocks too): a linear whose weight is tied to a token embedding (``tied``), the model's
+    declared heads (a decoder's ``output_layer_path``, a task model's ``head_prefixes``: ``lm_head``,
+    ``classifier``, ``score``) and the last linear layer of the model (its output, whatever it is called).
+    ``tied=False`` leaves out the heads tied to a token table (they are to be quantized with it).
+    """
+    linears = dict((name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    if not linears:
+        return ()
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    declared = [getattr(model, "output_layer_path", None), *(p.rstrip(".") for p in getattr(model, "head_prefixes", ()))]
+    heads = [name for name, m in linears.items() if id(m.weight) in tables]
+    heads += [name for name in declared if name in linears] + [next(reversed(linears))]
+    return tuple(name for name in dict.fromkeys(heads) if tied or id(linears[name].weight) not in tables)
+
+
+def quantize(model: nn.Module, scheme: str = "nf4", skip: tuple[str, ...] | None = None, blocksize: int = 64,
              double_quant: bool = True, threshold: float = OUTLIER_THRESHOLD, granularity: str = "channel",
              group_size: int = 128, pad: bool = True, embeddings: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a frozen :class:`QuantLinear`.
 
-    ``skip`` names module paths (or their last part, e.g. "classifier", "lm_head") that stay fp32: heads are
-    small and sensitive. 4-bit layers whose width is not a multiple of ``blocksize`` are zero-padded to whole
-    blocks (``pad=False`` refuses them instead). ``embeddings``: a token embedding whose weight is tied to a
-    quantized head becomes a :class:`QuantEmbedding` reading the head's packed rows (the fp32 table goes; left
-    alone, the tie is cut and the table stays fp32). A layer that cannot be quantized as asked raises
-    :class:`QuantError` naming it, before any layer of the model is replaced.
+    ``skip`` names module paths (or their last part, e.g. "classifier", "lm_head") that stay fp32. By default
+    (``None``) that is :func:`default_skip`: the output heads (a tied LM head, the task head, the last linear),
+    as ``transformers`` and bitsandbytes do; ``skip=()`` quantizes every linear layer. 4-bit layers whose width
+    is not a multiple of ``blocksize`` are zero-padded to whole blocks (``pad=False`` refuses them instead).
+    ``embeddings``: a token embedding whose weight is tied to a quantized head becomes a :class:`QuantEmbedding`
+    reading the head's packed rows (the fp32 table goes; left alone, the tie is cut and the table stays fp32);
+    with the default ``skip`` it also quantizes that tied head (the point of asking). A layer that cannot be
+    quantized as asked raises :class:`QuantError` naming it, before any layer of the model is replaced.
     Returns the model; its remaining parameters are left as they were.
     """
     if scheme not in SCHEMES:
         raise QuantError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if skip is None:
+        skip = default_skip(model, tied=not embeddings)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear)
                and not any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)]
