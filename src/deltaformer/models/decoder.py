@@ -31,9 +31,10 @@ from ..nn.rope import Rotation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
 from .common import check_token_ids, classification_loss, key_mask_from
 
-#: Positions whose logits a causal LM's loss computes at a time under gradient checkpointing (49152-token
-#: vocabulary: 50 MB of fp32 logits a chunk instead of 200 MB for 4 x 256 tokens, plus their softmax and gradient).
-LOSS_ROWS = 256
+#: Logits a causal LM's loss computes at a time under gradient checkpointing: 2^22 values (16 MiB in fp32), so 85
+#: positions of SmolLM2's 49152-token vocabulary a chunk instead of 200 MiB for 4 x 256 tokens (and as much again
+#: for their log-softmax and for each gradient); each chunk reads the head's weight once more in the backward.
+LOSS_CHUNK = 1 << 22
 
 
 @dataclass
@@ -320,11 +321,12 @@ class DecoderForCausalLM(DecoderTaskModel):
                             output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
         if labels is not None and self.checkpointing and self.training and torch.is_grad_enabled() and not last_only:
-            # gradient checkpointing: the loss LOSS_ROWS positions at a time, no whole logits (returned as None)
+            # gradient checkpointing: the loss a chunk of positions at a time, no whole logits (returned as None)
             if labels.shape[1] != hidden.shape[1]:  # soft prompt tokens were prepended: they predict nothing
                 labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)
             shifted = causal_lm_targets(hidden, labels)
-            chunked = chunked_loss(self.lm_head, hidden.reshape(-1, hidden.shape[-1]), shifted.reshape(-1), LOSS_ROWS)
+            chunked = chunked_loss(self.lm_head, hidden.reshape(-1, hidden.shape[-1]), shifted.reshape(-1),
+                                   max(1, LOSS_CHUNK // self.config.vocab_size))
             return CausalLMOutput(loss=chunked, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
                                   attention_mask=out.attention_mask)
         logits = self.lm_head(hidden)
