@@ -35,6 +35,7 @@ thread (on a loaded machine a second thread mostly waits at barriers), and every
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -439,57 +440,133 @@ def section_accuracy(args, out: Path, work: Path) -> None:
 
 
 def section_qlora(args, out: Path, work: Path) -> None:
+    """LoRA and QLoRA from the same seeds (same data order, same LoRA and head initialisation), in alternation;
+    then, to see where a gap comes from, the NF4 error of MiniLM's weights and the QLoRA delta on the fp32 base."""
     accs: dict[str, list[float]] = {"lora": [], "qlora": []}
     files = subsets(args, work)
-    common = {"section": "qlora", **settings(args), "qlora": "the same LoRA on an NF4 base with double quantization"}
+    from deltaformer.data.tasks import load_task
+
+    task = load_task("rt-polarity")
+    sizes = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
+    subset = ", ".join(f"first {sizes[s]} of {len(task.split(s))} {s}" for s in ("train", "validation", "test"))
+    common = {"section": "qlora", **settings(args), "qlora": "the same LoRA on an NF4 base with double quantization",
+              "subset": f"{subset} examples of the fixed splits", "threads": torch.get_num_threads()}
     for seed in range(args.seeds):
         for method in ("lora", "qlora"):
-            run = work / f"{method}-{seed}"
-            if method == "lora" and (run / "results.json").is_file():  # the accuracy section's run, same settings
-                results = json.loads((run / "results.json").read_text())
-            else:
-                results = finetune_run(run, method, seed, args, files)
+            run = work / f"qlora-section-{method}-{seed}"
+            results = finetune_run(run, method, seed, args, files)
             accs[method].append(results["test"]["accuracy"])
             emit(out, {**common, "method": method, "seed": seed, "test_accuracy": results["test"]["accuracy"],
                        "train_seconds": results.get("train_seconds"), "quantize": results.get("quantize")})
     lora, qlora = statistics.mean(accs["lora"]), statistics.mean(accs["qlora"])
-    emit(out, {**common, "summary": True, "seeds": args.seeds, "lora_mean": lora, "qlora_mean": qlora,
-               "lora": accs["lora"], "qlora_runs": accs["qlora"], "difference_points": 100.0 * (qlora - lora),
+    diffs = [100.0 * (q - f) for q, f in zip(accs["qlora"], accs["lora"])]
+    sd = statistics.stdev if args.seeds > 1 else (lambda xs: 0.0)
+    emit(out, {**common, "summary": True, "seeds": args.seeds,
+               "lora_runs": accs["lora"], "qlora_runs": accs["qlora"],
+               "lora_mean": lora, "lora_sd": sd(accs["lora"]), "qlora_mean": qlora, "qlora_sd": sd(accs["qlora"]),
+               "difference_points": 100.0 * (qlora - lora), "paired_differences_points": diffs,
+               "paired_difference_sd_points": sd(diffs),
+               "test_accuracy_standard_error_points": 100.0 * math.sqrt(lora * (1 - lora) / sizes["test"]),
                "target_points": 1.0, "meets_target": abs(100.0 * (qlora - lora)) <= 1.0})
+    emit(out, {**common, "diagnosis": True, **nf4_error("minilm"), "qlora_delta_on_fp32_base": [
+        on_fp32_base(work / f"qlora-section-qlora-{seed}") for seed in range(args.seeds)]})
+
+
+def on_fp32_base(directory: Path) -> float:
+    """Test accuracy of a QLoRA run's delta and head on the fp32 base (the same LoRA, base unquantized)."""
+    from deltaformer.checkpoints.io import load_state_dict
+    from deltaformer.data.collate import PadCollator, encode_examples
+    from deltaformer.data.tabular import Fields, read_table
+    from deltaformer.tokenizer import AutoTokenizer
+    from deltaformer.train.evaluation import evaluate
+    from deltaformer.train.methods import MethodSpec
+    from deltaformer.train.runs import build_classifier, read_labels, read_run_info, trainable_state
+
+    info = read_run_info(directory)
+    labels = read_labels(directory)
+    options = {k: v for k, v in info["method_options"].items() if k != "quantize"}
+    model = build_classifier(info["base_model"], labels, MethodSpec("lora", options), log_report=False)
+    state = load_state_dict(directory / "model" / "trainable.safetensors")
+    with torch.no_grad():
+        for name, tensor in trainable_state(model).items():
+            tensor.copy_(state[name])
+    tokenizer = AutoTokenizer.from_pretrained(info["base_model"])
+    test = read_table(Path(info["data"]["test"]), Fields(**info["data"]["fields"])).examples
+    encoded = encode_examples(tokenizer, test, int(info["max_length"]), labels)
+    return evaluate(model, encoded, PadCollator(tokenizer.pad_token_id or 0), len(labels), 64)["accuracy"]
+
+
+def nf4_error(name: str) -> dict[str, Any]:
+    """NF4 (blocks of 64, double quantization) on every encoder linear of ``name``: the relative error of the
+    weights (||W - deq(q(W))|| / ||W||), ours and bitsandbytes' CPU build, and the largest difference between the two."""
+    from deltaformer.models.auto import load_model
+    from deltaformer.quant.schemes import nf4
+
+    model = load_model(name)
+    ours, bnb_errors, gap = [], [], 0.0
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.detach()
+            deq = nf4(w, blocksize=64, double_quant=True).rows(0, w.shape[0])
+            ours.append(float((w - deq).norm() / w.norm()))
+            try:
+                import bitsandbytes.functional as bf
+
+                packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                ref = bf.dequantize_4bit(packed, state).to(w.dtype)
+                bnb_errors.append(float((w - ref).norm() / w.norm()))
+                gap = max(gap, float((ref - deq).abs().max()))
+            except ImportError:
+                pass
+    record: dict[str, Any] = {"nf4_weight_error": {"layers": len(ours), "mean_relative": statistics.mean(ours),
+                                                   "max_relative": max(ours)}}
+    if bnb_errors:
+        record["nf4_weight_error"].update({"bnb_mean_relative": statistics.mean(bnb_errors),
+                                           "ours_vs_bnb_max_abs": gap})
+    return record
 
 
 # --- the training step ----------------------------------------------------------------------------------
 
-def step_config(name: str, steps: int) -> dict[str, Any]:
-    """Run in a fresh subprocess: build ``name``'s model, then time ``steps`` steps after one warm-up step."""
-    torch.manual_seed(0)
-    baseline = rss_mark()
+def step_model(name: str, checkpointing: bool):
+    """``name``'s model for the step (LoRA r=8 on every linear but the vocabulary projection) and its forward."""
     ids = torch.randint(3, 49152, (4, 256), generator=torch.Generator().manual_seed(0))
     if name == "bnb_qlora":
         model = bnb_model()
-        params = [p for p in model.parameters() if p.requires_grad]
+        if checkpointing:  # transformers' per-layer checkpointing (its loss is not chunked)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         def forward():
             return model(input_ids=ids, labels=ids).loss
-    else:
-        from deltaformer import delta
-        from deltaformer.models import LlamaForCausalLM
-        from deltaformer.train.methods import quantize_base
+        return model, forward
+    from deltaformer import delta
+    from deltaformer.models import LlamaForCausalLM
+    from deltaformer.train.methods import quantize_base
 
-        model = LlamaForCausalLM.from_pretrained("smollm2-135m")
-        if name == "ours_qlora":
-            quantize_base(model, "nf4")
-        delta.attach(model, delta.LoraConfig(r=8, alpha=16.0, targets="all-linear"), "d")
-        delta.freeze_base(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+    model = LlamaForCausalLM.from_pretrained("smollm2-135m")
+    if name == "ours_qlora":
+        quantize_base(model, "nf4")
+    delta.attach(model, delta.LoraConfig(r=8, alpha=16.0, targets="all-linear"), "d")
+    delta.freeze_base(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
 
-        def forward():
-            return model(ids, labels=ids).loss
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    def forward():
+        return model(ids, labels=ids).loss
+    return model, forward
+
+
+def step_config(name: str, steps: int, checkpointing: bool) -> dict[str, Any]:
+    """Run in a fresh subprocess: build ``name``'s model, then time ``steps`` steps after one warm-up step."""
     import ctypes
     import gc
 
+    torch.manual_seed(0)
+    baseline = rss_mark()
+    model, forward = step_model(name, checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     model_mb = (_rss_kib() - baseline) / 1024
@@ -504,39 +581,31 @@ def step_config(name: str, steps: int) -> dict[str, Any]:
         if i:
             times.append(time.perf_counter() - start)
     peak = rss_peak_mib(mark) + (mark - baseline) / 1024
-    return {"config": name, "step_seconds": statistics.median(times), "peak_mb": peak, "model_mb": model_mb,
+    return {"config": name, "gradient_checkpointing": checkpointing, "step_seconds": statistics.median(times),
+            "steps_seconds": times, "peak_mb": peak, "model_mb": model_mb,
             "trainable": sum(p.numel() for p in params), "loss": loss.item()}
 
 
-def interleaved(steps: int) -> dict[str, Any]:
+def interleaved(steps: int, checkpointing: bool) -> dict[str, Any]:
     """Both of our steps in one process, stepped in alternation: the time ratio with the load shared alike."""
-    from deltaformer import delta
-    from deltaformer.models import LlamaForCausalLM
-    from deltaformer.train.methods import quantize_base
-
-    ids = torch.randint(3, 49152, (4, 256), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name in ("ours_lora", "ours_qlora"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM.from_pretrained("smollm2-135m")
-        if name == "ours_qlora":
-            quantize_base(model, "nf4")
-        delta.attach(model, delta.LoraConfig(r=8, alpha=16.0, targets="all-linear"), "d")
-        delta.freeze_base(model)
+        model, forward = step_model(name, checkpointing)
         model.train()
-        runs[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+        runs[name] = (forward, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps + 1):
-        for name, (model, optimizer) in runs.items():
+        for name, (forward, optimizer) in runs.items():
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
+            forward().backward()
             optimizer.step()
             if i:
                 times[name].append(time.perf_counter() - start)
     ratios = [q / f for q, f in zip(times["ours_qlora"], times["ours_lora"])]
-    return {"config": "interleaved", "lora_seconds": times["ours_lora"], "qlora_seconds": times["ours_qlora"],
-            "time_ratio": statistics.median(ratios)}
+    return {"config": "interleaved", "gradient_checkpointing": checkpointing, "lora_seconds": times["ours_lora"],
+            "qlora_seconds": times["ours_qlora"], "time_ratio": statistics.median(ratios)}
 
 
 def _rss_kib() -> int:
@@ -572,26 +641,42 @@ def bnb_model():
 
 
 def section_step(args, out: Path) -> None:
-    results = {}
-    for name in ("ours_lora", "ours_qlora", "bnb_qlora", "interleaved"):
-        cmd = [sys.executable, __file__, "--step-config", name, "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            results[name] = {"config": name, "error": tail[0][:300]}
-        else:
-            results[name] = json.loads(lines[-1])
-        emit(out, {"section": "step", "model": "smollm2-135m", "lora": "r=8 alpha=16 all linear layers",
-                   "tokens": "4 x 256", "steps_timed": args.steps, **results[name]})
-    lora, ours, both = results["ours_lora"], results["ours_qlora"], results["interleaved"]
-    if not any("error" in r for r in (lora, ours, both)):
-        summary = {"section": "step", "summary": True, "memory_ratio": ours["peak_mb"] / lora["peak_mb"],
-                   "weights_ratio": ours["model_mb"] / lora["model_mb"],
-                   "time_ratio": both["time_ratio"], "time_ratio_separate_processes":
-                   ours["step_seconds"] / lora["step_seconds"], "memory_target": 0.6, "time_target": 1.5}
+    """Every config in a fresh process (its own peak), with gradient checkpointing off and then on."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    allocator = "glibc malloc, default settings (freed heap memory stays in the process)"
+    if args.malloc_mmap_threshold:  # every allocation above it is its own mapping, returned to the system when freed
+        env.update(MALLOC_MMAP_THRESHOLD_=str(args.malloc_mmap_threshold),
+                   MALLOC_TRIM_THRESHOLD_=str(args.malloc_mmap_threshold))
+        allocator = f"glibc malloc, MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (freed tensors go back)"
+    common = {"section": "step", "model": "smollm2-135m", "lora": "r=8 alpha=16 all linear layers but the "
+              "vocabulary projection", "tokens": "4 x 256", "steps_timed": args.steps, "threads": 1,
+              "allocator": allocator}
+    for checkpointing in [{"off": False, "on": True}[c] for c in args.checkpointing_modes.split(",")]:
+        results = {}
+        for name in args.step_configs.split(","):
+            cmd = [sys.executable, __file__, "--step-config", name, "--steps", str(args.steps)]
+            cmd += ["--checkpointing"] if checkpointing else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                results[name] = {"config": name, "gradient_checkpointing": checkpointing, "error": tail[0][:300]}
+            else:
+                results[name] = json.loads(lines[-1])
+            emit(out, {**common, **results[name]})
+        if not {"ours_lora", "ours_qlora", "interleaved"} <= set(results):
+            continue
+        lora, ours, both = results["ours_lora"], results["ours_qlora"], results["interleaved"]
+        if any("error" in r for r in (lora, ours, both)):
+            continue
+        summary = {**common, "summary": True, "gradient_checkpointing": checkpointing,
+                   "lora_peak_mb": lora["peak_mb"], "qlora_peak_mb": ours["peak_mb"],
+                   "memory_ratio": ours["peak_mb"] / lora["peak_mb"], "weights_ratio": ours["model_mb"] / lora["model_mb"],
+                   "time_ratio": both["time_ratio"],
+                   "time_ratio_separate_processes": ours["step_seconds"] / lora["step_seconds"],
+                   "memory_target": 0.6, "time_target": 1.5}
         summary["meets_target"] = summary["memory_ratio"] <= 0.6 and summary["time_ratio"] <= 1.5
-        bnb = results["bnb_qlora"]
+        bnb = results.get("bnb_qlora", {"error": "not run"})
         if "error" not in bnb:
             summary["bnb_time_over_ours"] = bnb["step_seconds"] / ours["step_seconds"]
             summary["bnb_memory_over_ours"] = bnb["peak_mb"] / ours["peak_mb"]
@@ -611,16 +696,22 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2, help="training steps timed (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="training steps timed (after one warm-up step)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, written to a temporary file")
     p.add_argument("--step-config", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--step-configs", default="ours_lora,ours_qlora,bnb_qlora,interleaved",
+                   help="step: the configs to run (each in its own process)")
+    p.add_argument("--checkpointing-modes", default="off,on", help="step: gradient checkpointing off, on or both")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="step: run the configs with glibc's MALLOC_MMAP_THRESHOLD_ (bytes) so freed tensors return to "
+                   "the system and the peak is the step's working set (0: the allocator's defaults)")
     p.add_argument("--work", type=Path, default=None, help="directory for the fine-tuning runs")
     args = p.parse_args()
     torch.set_num_threads(1)
-    if args.step_config == "interleaved":
-        print(json.dumps(interleaved(args.steps)), flush=True)
-    elif args.step_config:
-        print(json.dumps(step_config(args.step_config, args.steps)), flush=True)
+    if args.step_config:
+        run = interleaved if args.step_config == "interleaved" else functools.partial(step_config, args.step_config)
+        print(json.dumps(run(args.steps, args.checkpointing)), flush=True)
         return
     if args.quick:
         args.blocks, args.train, args.validation, args.test = 1, 32, 16, 16

@@ -124,6 +124,9 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int = 3) -> None:
                    help="validation metric that picks the best checkpoint")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer (and a causal LM's loss, in chunks) in the backward instead of keeping "
+                   "its activations: far less memory for about one more forward of time, the same gradients")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --out, with the same settings (a changed one is "
@@ -179,7 +182,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm or None,
         bf16=args.bf16, eval_every=args.eval_every, save_every=args.save_every, metric=args.metric,
         patience=args.patience, seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress,
-        device=args.device,
+        device=args.device, gradient_checkpointing=args.gradient_checkpointing,
     )
 
 

@@ -14,8 +14,8 @@ caller has to remember to: a cached selection is valid by construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -169,6 +169,28 @@ class DeltaRouter:
         finally:
             self._bare -= 1
             self._changed()
+
+    def snapshot(self) -> Callable[[], AbstractContextManager[None]]:
+        """A factory of a context that puts back today's selection state (active deltas, routing, bare) while
+        it is open: what a layer recomputed in the backward (gradient checkpointing) needs, since the backward
+        may run after the forward's routing block closed."""
+        state = (self._active, self._routed, self._bare)
+
+        @contextmanager
+        def restored() -> Iterator[None]:
+            saved = (self._active, self._routed, self._bare)
+            if saved == state:
+                yield
+                return
+            self._active, self._routed, self._bare = state
+            self._changed()
+            try:
+                yield
+            finally:
+                self._active, self._routed, self._bare = saved
+                self._changed()
+
+        return restored
 
     def _changed(self) -> None:
         self._cache.clear()

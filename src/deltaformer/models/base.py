@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -80,6 +81,11 @@ class PreTrainedModel(nn.Module):
     load_report: LoadReport
     #: The input hook of prompt-based deltas, on backbones that run one (see :meth:`delta_backbone`).
     prompt: nn.Module | None
+    #: Paths of this model's own layer stacks (``nn.ModuleList``s) that gradient checkpointing recomputes layer by
+    #: layer (:func:`set_gradient_checkpointing`); a task model leaves it to its backbone.
+    checkpoint_stacks: ClassVar[tuple[str, ...]] = ()
+    #: Whether gradient checkpointing is on (set by :func:`set_gradient_checkpointing`; heads may read it).
+    checkpointing: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -293,6 +299,27 @@ class PreTrainedModel(nn.Module):
         save_state_dict(self.hf_state_dict(), directory / "model.safetensors")
         return directory
 
+    # --- gradient checkpointing -----------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward instead of keeping its activations (HF's method name; see
+        :func:`set_gradient_checkpointing`)."""
+        set_gradient_checkpointing(self, True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        set_gradient_checkpointing(self, False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.checkpointing
+
+    def layer_stack(self, path: str) -> nn.ModuleList:
+        """The ``nn.ModuleList`` at ``path`` (one of :attr:`checkpoint_stacks`)."""
+        stack = self.get_submodule(path)
+        if not isinstance(stack, nn.ModuleList):
+            raise TypeError(f"{type(self).__name__}.{path} is a {type(stack).__name__}, not a ModuleList of layers")
+        return stack
+
     # --- sizes ------------------------------------------------------------------------------------
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -304,6 +331,34 @@ class PreTrainedModel(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def set_gradient_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Turn gradient checkpointing on (or off) for every deltaformer model in ``model`` (``model`` itself may be any
+    module holding one, a prompting wrapper say): the layers of each declared :attr:`~PreTrainedModel.checkpoint_stacks`
+    run through :func:`deltaformer.nn.checkpointing.checkpoint_layers`, recomputed under the delta router's state
+    of their forward, and heads that read :attr:`~PreTrainedModel.checkpointing` (a causal LM's vocabulary
+    projection and loss) work in chunks. Any delta and a quantized base train the same way, with the same
+    gradients. Returns the number of layers; a model without a layer stack is refused when enabling."""
+    from ..nn.checkpointing import checkpoint_layers
+
+    hosts = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+    def routing_state() -> Any:
+        for host in hosts:  # the router lives on the model deltas were attached to
+            router = host.__dict__.get("delta_router")
+            if router is not None:
+                return router.snapshot()
+        return nullcontext
+
+    count = sum(checkpoint_layers(host.layer_stack(path), enable, routing_state)
+                for host in hosts for path in host.checkpoint_stacks)
+    if enable and not count:
+        raise ConfigError(f"{type(model).__name__} has no layer stack to checkpoint (gradient checkpointing works "
+                          "on BERT-family encoders and GPT-2 / Llama decoders)")
+    for host in hosts:
+        host.checkpointing = enable
+    return count
 
 
 def read_config(path: Path) -> ModelConfig:

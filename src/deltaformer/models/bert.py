@@ -105,6 +105,7 @@ class BertModel(PreTrainedModel):
     hf_architecture = "BertModel"
     hf_backbone_prefix = "bert."
     hf_ignored = ("embeddings.position_ids",)
+    checkpoint_stacks = ("layers",)
 
     def __init__(self, config: BertConfig, add_pooler: bool = True) -> None:
         super().__init__(config)

@@ -23,12 +23,18 @@ from ..checkpoints.names import NameMap
 from ..config import GPT2Config, LlamaConfig
 from ..errors import InputError
 from ..nn.attention import SelfAttention
+from ..nn.checkpointing import chunked_loss
 from ..nn.dropout import Dropout
 from ..nn.kv_cache import CacheLayer, KVCache
 from ..nn.linear import Linear
 from ..nn.rope import Rotation
 from .base import EncoderOutput, HeadOutput, PreTrainedModel
 from .common import check_token_ids, classification_loss, key_mask_from
+
+#: Logits a causal LM's loss computes at a time under gradient checkpointing: 2^22 values (16 MiB in fp32), so 85
+#: positions of SmolLM2's 49152-token vocabulary a chunk instead of 200 MiB for 4 x 256 tokens (and as much again
+#: for their log-softmax and for each gradient); each chunk reads the head's weight once more in the backward.
+LOSS_CHUNK = 1 << 22
 
 
 @dataclass
@@ -77,11 +83,16 @@ def right_aligned(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; ``-100`` is ignored (padding,
     prompt tokens). Computed in fp32, as Hugging Face does, whatever the logits' dtype."""
-    if labels.shape != logits.shape[:2]:
-        raise InputError(f"labels of shape {tuple(labels.shape)} do not match the input's {tuple(logits.shape[:2])}:"
-                         " pass one label per input token (the model shifts them)")
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    shifted = causal_lm_targets(logits, labels)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+
+def causal_lm_targets(outputs: Tensor, labels: Tensor) -> Tensor:
+    """(B, T) labels shifted left by one (the last position predicts nothing), checked against (B, T, ...) outputs."""
+    if labels.shape != outputs.shape[:2]:
+        raise InputError(f"labels of shape {tuple(labels.shape)} do not match the input's {tuple(outputs.shape[:2])}:"
+                         " pass one label per input token (the model shifts them)")
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
 
 
 class DecoderModel(PreTrainedModel):
@@ -96,6 +107,7 @@ class DecoderModel(PreTrainedModel):
     embeddings: nn.Module
     layers: nn.ModuleList
     norm: nn.Module
+    checkpoint_stacks = ("layers",)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -308,6 +320,15 @@ class DecoderForCausalLM(DecoderTaskModel):
         out = self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds,
                             output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+        if labels is not None and self.checkpointing and self.training and torch.is_grad_enabled() and not last_only:
+            # gradient checkpointing: the loss a chunk of positions at a time, no whole logits (returned as None)
+            if labels.shape[1] != hidden.shape[1]:  # soft prompt tokens were prepended: they predict nothing
+                labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)
+            shifted = causal_lm_targets(hidden, labels)
+            chunked = chunked_loss(self.lm_head, hidden.reshape(-1, hidden.shape[-1]), shifted.reshape(-1),
+                                   max(1, LOSS_CHUNK // self.config.vocab_size))
+            return CausalLMOutput(loss=chunked, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
+                                  attention_mask=out.attention_mask)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

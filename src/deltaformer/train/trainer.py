@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.io import atomic_write, load_state_dict, remove_partial_writes, save_state_dict
 from ..errors import CheckpointError, ConfigError
+from ..models.base import set_gradient_checkpointing
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed
 from .evaluation import autocast, evaluate, move
@@ -45,7 +46,8 @@ RESULTS = "results.json"
 #: TrainConfig fields that do not shape a run (where it runs, what it shows, how often it logs or saves): a
 #: resumed run may change them. Any other change would continue the run under settings it did not start with
 #: (the learning-rate schedule, for one, is fixed by the original length), so resuming refuses it.
-RESUME_FREE = frozenset({"progress", "device", "log_every", "save_every", "eval_batch_size", "checkpoint_full_model"})
+RESUME_FREE = frozenset({"progress", "device", "log_every", "save_every", "eval_batch_size", "checkpoint_full_model",
+                         "gradient_checkpointing"})
 
 
 @dataclass
@@ -73,6 +75,9 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     checkpoint_full_model: bool = False  # else only trainable parameters (the delta and head)
+    #: Recompute each layer (and a causal LM's loss, in chunks) in the backward instead of keeping activations:
+    #: less memory, about one more forward of time, the same gradients (``models.base.set_gradient_checkpointing``).
+    gradient_checkpointing: bool = False
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -147,6 +152,8 @@ class Trainer:
                 log.warning("removed %s, left by a write that was interrupted", path.name)
         model = self.model.to(env.device)
         model.train()
+        if cfg.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
         seed_everything(cfg.seed)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
