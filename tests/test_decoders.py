@@ -199,6 +199,13 @@ def test_kv_cache_reorder_crop_and_overflow():
         keys, values = cache.layer(i).update(k, k + 10)
         assert keys.shape == (3, 1, 3, 2)
     assert cache.length == 3
+    taken = cache.take(torch.tensor([1, 1]))  # a copy of row 1, twice; the cache itself is unchanged
+    assert taken.batch == 2 and taken.length == 3 and taken.keys[0, :, 0, 0, 0].tolist() == [1.0, 1.0]
+    taken.layer(0).update(torch.full((2, 1, 1, 2), 7.0), torch.full((2, 1, 1, 2), 7.0))
+    assert cache.layer(0).length == 3 and cache.keys[0, :, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert taken.row_bytes == 2 * 2 * 1 * 4 * 2 * 4  # keys and values x layers x heads x length x dim x fp32
+    with pytest.raises(InputError, match="outside the batch"):
+        cache.take(torch.tensor([3]))
     cache.reorder(torch.tensor([2, 2, 0]))
     assert cache.batch == 3 and cache.keys[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
     cache.reorder(torch.tensor([1]))

@@ -199,10 +199,13 @@ def test_shared_prompt_scoring_equals_full_rows(tokenizer, method):
     data = [Example("the film was good"), Example("a bad movie with a dull story and awful acting"), Example("fun")]
     rendered = model.render(data, LABELS)
     shared = prompting.score_rendered(model, rendered, batch_size=2)
+    model.word_cache_budget = 1  # one word's copy of its prompt cache at a time
+    chunked = prompting.score_rendered(model, rendered, batch_size=2)
     model.share_prompts = False
     full = prompting.score_rendered(model, rendered, batch_size=2)
-    for a, b in zip(shared, full):
+    for a, b, c in zip(shared, full, chunked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, b, atol=1e-5, rtol=0)
 
 
 def test_one_token_words_share_the_prompts_row(tokenizer):
@@ -269,8 +272,8 @@ def test_shared_prompts_train_with_the_gradients_of_full_rows(tokenizer):
     data = [Example("the film was good", None, "positive"), Example("a bad movie", None, "negative")]
     batch = model.collator(tokenizer)(model.render(data, LABELS, [demos, demos]))
     grads = []
-    for share in (True, False):
-        model.share_prompts = share
+    for share, budget in ((True, 1), (False, 1)):  # shared prompts, each word's cache copy apart; full rows
+        model.share_prompts, model.word_cache_budget = share, budget
         model.zero_grad()
         model(**batch).loss.backward()
         grads.append([p.grad.clone() for p in delta.delta_parameters(lm)])

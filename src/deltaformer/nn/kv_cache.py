@@ -104,13 +104,36 @@ class KVCache:
     def reorder(self, rows: Tensor) -> None:
         """Keep batch rows ``rows`` (a LongTensor, repeats allowed) in that order: beam search picks parents,
         finished sequences are dropped. The batch size becomes ``len(rows)``."""
-        rows = rows.to(device=self.keys.device, dtype=torch.long)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
-            raise InputError(f"cache rows {rows.tolist()} are outside the batch of {self.batch}")
+        rows = self._checked(rows)
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
         if self.position_offset is not None:
             self.position_offset = self.position_offset.index_select(0, rows.to(self.position_offset.device))
+
+    def _checked(self, rows: Tensor) -> Tensor:
+        rows = rows.to(device=self.keys.device, dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
+            raise InputError(f"cache rows {rows.tolist()} are outside the batch of {self.batch}")
+        return rows
+
+    def take(self, rows: Tensor) -> KVCache:
+        """A new cache holding rows ``rows`` of this one (repeats allowed), at the same fill levels; this one
+        is unchanged (several continuations of one prompt, a chunk at a time)."""
+        rows = self._checked(rows)
+        taken = KVCache.__new__(KVCache)
+        taken.keys = self.keys.index_select(1, rows)
+        taken.values = self.values.index_select(1, rows)
+        taken.layers = [LayerCache(taken, i) for i in range(len(self.layers))]
+        for mine, theirs in zip(taken.layers, self.layers):
+            mine.length = theirs.length
+        taken.position_offset = (None if self.position_offset is None
+                                 else self.position_offset.index_select(0, rows.to(self.position_offset.device)))
+        return taken
+
+    @property
+    def row_bytes(self) -> int:
+        """Memory one batch row takes (keys and values of every layer, the whole preallocated length)."""
+        return 2 * self.keys[:, 0].numel() * self.keys.element_size()
 
     def grow(self, n: int) -> None:
         """Make room for ``n`` more positions (stored ones are kept): a prompt delta's soft tokens take

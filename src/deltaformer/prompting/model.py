@@ -26,7 +26,7 @@ from ..errors import PromptError
 from ..models.base import HeadOutput
 from .rendering import PromptItem, PromptRenderer
 from .scoring import PromptCollator, PromptScorer, collator_for, logits_at, model_inputs
-from .shared_prompt import can_share_prompts, shared_prompt_scores
+from .shared_prompt import WORD_CACHE_BUDGET, can_share_prompts, shared_prompt_scores
 
 
 @dataclass
@@ -95,6 +95,8 @@ class PromptModel(nn.Module):
         self.train(lm.training)  # a model loaded for scoring stays in eval mode (no dropout)
         #: causal LMs: each prompt runs once, every label word from its cache (shared_prompt.py; in training too)
         self.share_prompts = True
+        #: the most bytes of prompt-cache copies that label words continue at once (shared prompts only)
+        self.word_cache_budget = WORD_CACHE_BUDGET
 
     def collator(self, tokenizer) -> PvpCollator:
         return PvpCollator(tuple(collator_for(p.scorer, tokenizer) for p in self.pvps))
@@ -117,7 +119,7 @@ class PromptModel(nn.Module):
         if self.share_prompts and can_share_prompts(self.lm, scorers):
             for p, part in enumerate(parts):
                 part["positions"] = batch[f"{p}.positions"]
-            return shared_prompt_scores(self.lm, scorers, parts, self._routing)
+            return shared_prompt_scores(self.lm, scorers, parts, self._routing, self.word_cache_budget)
         joined = _concat(parts)
         rows, positions, start = [], [], 0
         for p, (pvp, n) in enumerate(zip(self.pvps, counts)):

@@ -1,8 +1,8 @@
 """Causal scoring with the prompt computed once per example: prefill, then every label word from its cache.
 
 A causal LM's rows for one example differ only in the answer, so the prompt (demonstrations included, often
-hundreds of tokens) is run once into a KV cache; the cache is repeated for each label word (``KVCache.reorder``
-with repeats) and the words are run on top of it. The first answer token is read from the prompt's last
+hundreds of tokens) is run once into a KV cache; the cache is copied for each label word (``KVCache.take``, a
+chunk of rows at a time within a memory budget) and the words are run on top of it. The first answer token is read from the prompt's last
 position, the others from the words' own. The prompts of a batch often begin alike (the chat template's system
 turn; the same demonstrations, drawn once per seed, before every query): that common prefix is run once per
 PVP and its cache copied to the PVP's rows, then only the rest of each prompt runs, right-padded (padding
@@ -85,6 +85,20 @@ class GradCache:
                 layer.values = layer.values.index_select(0, rows.to(layer.values.device))
         self._batch = int(rows.numel())
 
+    def take(self, rows: Tensor) -> GradCache:
+        """A new cache of rows ``rows`` (repeats allowed); this one is unchanged (as :meth:`KVCache.take`)."""
+        taken = GradCache(len(self.layers), self._batch)
+        for mine, theirs in zip(taken.layers, self.layers):
+            mine.keys, mine.values = theirs.keys, theirs.values
+        taken.reorder(rows)
+        return taken
+
+    @property
+    def row_bytes(self) -> int:
+        """Memory one batch row's stored keys and values take."""
+        return sum(2 * layer.keys[0].numel() * layer.keys.element_size()
+                   for layer in self.layers if layer.keys is not None)
+
 
 def _cache(lm: nn.Module, batch: int, max_length: int) -> KVCache:
     if torch.is_grad_enabled():
@@ -102,10 +116,42 @@ def common_prefix(ids: Tensor, lengths: Tensor) -> int:
     return limit if bool(same.all()) else int((~same).nonzero()[0])
 
 
+def _later_word_tokens(backbone: nn.Module, head: nn.Module, cache: KVCache, mask: Tensor, word_ids: Tensor,
+                       word_len: Tensor, repeats: Tensor, rows_per_pvp: list[int],
+                       routing: Callable[[list[int]], AbstractContextManager], budget: int) -> Tensor:
+    """(rows, longest - 1) log-probabilities of every word's tokens after its first, one row per (example,
+    word), each on a copy of its example's prompt cache; ``repeats[i]``: example i's words. The copies are
+    made a chunk of rows at a time, at most ``budget`` bytes of them at once (10 words after a 1024-token
+    prompt would otherwise hold 10 copies of that prompt's cache per example)."""
+    total = int(repeats.sum())
+    example_of = torch.repeat_interleave(torch.arange(repeats.numel(), device=repeats.device), repeats)
+    chunk = max(1, budget // max(1, cache.row_bytes))
+    steps = word_ids.shape[1] - 1
+    new_mask = (torch.arange(steps, device=word_ids.device)[None, :] < (word_len - 1)[:, None]).long()
+    bounds = torch.tensor([0, *rows_per_pvp]).cumsum(0).tolist()
+    pieces = []
+    for a in range(0, total, chunk):
+        b = min(total, a + chunk)
+        examples = example_of[a:b]
+        part = cache.take(examples)
+        full_mask = torch.cat([mask.index_select(0, examples), new_mask[a:b]], 1)
+        counts = [max(0, min(b, hi) - max(a, lo)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        with routing(counts):
+            logp = head(backbone(word_ids[a:b, :steps], full_mask, None, part).last_hidden_state).float().log_softmax(-1)
+        pieces.append(logp.gather(-1, word_ids[a:b, 1:, None]).squeeze(-1))
+    return torch.cat(pieces)
+
+
+#: the most memory (bytes) the copies of prompt caches that label words continue may take at once
+WORD_CACHE_BUDGET = 512 * 2**20
+
+
 def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: Sequence[dict[str, Tensor]],
-                         routing: Callable[[list[int]], AbstractContextManager]) -> list[Tensor]:
+                         routing: Callable[[list[int]], AbstractContextManager],
+                         cache_budget: int = WORD_CACHE_BUDGET) -> list[Tensor]:
     """Class scores (N_p, C) of every PVP p from its full-row inputs ``parts[p]`` (input_ids, attention_mask,
-    positions); ``routing(counts)`` routes ``counts[p]`` consecutive rows to PVP p's deltas."""
+    positions); ``routing(counts)`` routes ``counts[p]`` consecutive rows to PVP p's deltas; the words'
+    copies of their prompts' caches take at most ``cache_budget`` bytes at once."""
     head = cast(nn.Module, lm.lm_head)  # can_share_prompts checked a causal LM with a split head
     backbone = cast(nn.Module, lm.backbone)
     firsts, lengths, counts = [], [], []
@@ -143,12 +189,9 @@ def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: 
     word_len = torch.cat([s.lengths.to(device).repeat(n) for s, n in zip(scorers, counts)])
     rest = None
     if longest > 1:  # the words' later tokens, after their prompt (padding between them is masked out)
-        cache.reorder(torch.repeat_interleave(torch.arange(prompts.shape[0]), repeats).to(device))
-        inputs = word_ids[:, :longest - 1]
-        new_mask = (torch.arange(longest - 1, device=device)[None, :] < (word_len - 1)[:, None]).long()
-        full_mask = torch.cat([mask.repeat_interleave(repeats.to(device), 0), new_mask], 1)
-        with routing([n * s.tokens.shape[0] for s, n in zip(scorers, counts)]):
-            rest = head(backbone(inputs, full_mask, None, cache).last_hidden_state).float().log_softmax(-1)
+        rows_per_pvp = [n * s.tokens.shape[0] for s, n in zip(scorers, counts)]
+        rest = _later_word_tokens(backbone, head, cache, mask, word_ids, word_len, repeats.to(device),
+                                  rows_per_pvp, routing, cache_budget)
     out, row, start = [], 0, 0
     for scorer, n in zip(scorers, counts):
         words, word_tokens = scorer.tokens.shape
@@ -156,8 +199,8 @@ def shared_prompt_scores(lm: nn.Module, scorers: Sequence[PromptScorer], parts: 
         logp = torch.zeros(n, words, word_tokens, device=device)
         logp[..., 0] = first_logp[start:start + n][:, tokens[:, 0]]
         if word_tokens > 1:
-            block = rest[row:row + n * words].view(n, words, longest - 1, -1)[:, :, :word_tokens - 1]  # type: ignore[index]
-            logp[..., 1:] = block.gather(-1, tokens[None, :, 1:, None].expand(n, -1, -1, 1)).squeeze(-1)
+            assert rest is not None  # a word of several tokens makes longest > 1
+            logp[..., 1:] = rest[row:row + n * words].view(n, words, longest - 1)[:, :, :word_tokens - 1]
         out.append(scorer.class_scores(logp=logp))
         start += n
         row += n * words
