@@ -8,6 +8,11 @@ with ``loadavg``, the machine's 1-minute load when it was written (a shared mach
 * ``greedy_b1`` / ``greedy_b8``: greedy decoding of a ``--prompt``-token prompt (batch 1, and 8 different
   prompts of that length) for ``--new`` new tokens (eos off, so both generate all of them): new tokens/s of
   each and ``speedup`` (targets: >= 2.0 at batch 1, >= 1.5 at batch 8); ``same_ids``: our ids equal HF's;
+* ``floor``: one batch-1 matrix-vector product with every weight matrix the model multiplies per token (all
+  linear layers and the head) and nothing else: the weight-streaming floor of a decoding step on this machine,
+  and the tokens/s it caps batch-1 greedy decoding at (``ceiling_tokens_per_s``), beside both libraries'
+  ``greedy_b1`` as a share of it; a 2.0x target is out of reach when ``transformers`` already runs above half
+  the ceiling;
 * ``prefill``: one forward of the batch-1 prompt into an empty cache: prompt tokens/s (target >= 1.2x);
 * ``lora8``: 8 prompts on 8 different LoRA deltas (r=8, query/value, B random) generated in one batch
   (``mixed``), against the same 8 prompts all on one delta (``single``; target mixed <= 1.25x single), against
@@ -92,6 +97,28 @@ def speed_rows(ours: Any, hf: Any, tokenizer: Any, args: argparse.Namespace) -> 
                  "transformers_tokens_per_s": round(args.prompt / ms["transformers"] * 1000, 1),
                  "speedup": round(ms["transformers"] / ms["ours"], 3), "target": 1.2})
     return rows
+
+
+def floor_row(ours: Any, greedy_b1: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The weight-streaming floor of one batch-1 decoding step: ``F.linear`` of one row with every weight
+    matrix that a step multiplies (each linear layer once, the head once even when tied to the embedding)."""
+    weights = {id(m.weight): m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)}
+    head = ours.lm_head.weight
+    weights[id(head)] = head
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights.values()}
+
+    def one_pass() -> None:
+        for w in weights.values():
+            torch.nn.functional.linear(rows[w.shape[1]], w)
+
+    with torch.inference_mode():
+        ms = interleaved_medians({"floor": one_pass}, max(args.repeats, 5) * 4)["floor"]
+    mib = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    ceiling = 1000 / ms
+    return {"mode": "floor", "weight_mib": round(mib, 1), "ms_per_token": round(ms, 2),
+            "gb_per_s": round(mib * 2**20 / ms / 1e6, 2), "ceiling_tokens_per_s": round(ceiling, 1),
+            "ours_share": round(greedy_b1["ours_tokens_per_s"] / ceiling, 3),
+            "transformers_share": round(greedy_b1["transformers_tokens_per_s"] / ceiling, 3)}
 
 
 def hf_checkpoint(asset: str) -> Path:
@@ -195,6 +222,8 @@ def main() -> None:
                                                            attn_implementation="sdpa").eval()
     ours = LlamaForCausalLM.from_pretrained(checkpoint).eval()
     rows = [] if args.skip_speed else speed_rows(ours, hf, tokenizer, args)
+    if rows:
+        rows.append(floor_row(ours, rows[0], args))
     for row in rows:
         report(args, row)
     if not args.skip_lora:
