@@ -8,7 +8,9 @@ Parts (``--parts``, all by default):
   transformers' (same weights, same batches) each run forward, backward and an AdamW step, timed in
   alternation (medians); training tokens/s counts real (non-padding) tokens.
 * ``speed-clm``: the same for a GPT-2 of 6 layers x 384 on packed blocks of the text (ours ``GPT2LMHeadModel``
-  against transformers' ``GPT2LMHeadModel``).
+  against transformers' ``GPT2LMHeadModel``), then where each library's step goes: ``torch.profiler`` over
+  ``--profile-steps`` steps, the self CPU time of the top operators as shares (``clm_profile``), which shows
+  how much of the step is the linear products both libraries hand to the same BLAS.
 * ``bert``: ``pretrain`` MLM+NSP of the small BERT from scratch, its steps calibrated to
   ``--pretrain-cpu-minutes`` of this process's CPU time (wall time is no budget on a shared machine under
   ``nice``; both are reported, with the steps and tokens), MLM and NSP accuracy curves on held-out pairs; then
@@ -62,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--profile-steps", type=int, default=2, help="speed-clm: steps profiled per library (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is then a fair budget)")
     p.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds of the comparisons")
@@ -178,6 +181,20 @@ def compare_speed(bench: str, ours, hf, batches, repeats: int, extra: dict) -> N
           "reference": "transformers in the same run"})
 
 
+def profile_shares(step, steps: int, top: int = 8) -> dict:
+    """Self CPU time of ``steps`` calls of ``step`` by operator: the ``top`` operators' shares and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"step_ms": round(total / 1000 / steps, 1),
+            "top_ops": {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:top]}}
+
+
 def speed(args, tokenizer, docs) -> None:
     import transformers
 
@@ -224,6 +241,10 @@ def speed_clm(args, documents) -> None:
     compare_speed("clm_step", ours, hf, batches, args.repeats,
             {"model": "GPT-2 6x384", "vocab": len(tokenizer), "batch": args.batch_size, "block": args.max_length,
              "attention": config._attn_implementation})
+    if args.profile_steps:
+        for impl, model in (("deltaformer", ours), ("transformers", hf)):
+            emit({"bench": "clm_profile", "impl": impl, "steps": args.profile_steps, "batch": args.batch_size,
+                  "block": args.max_length, **profile_shares(stepper(model, batches), args.profile_steps)})
 
 
 def cpu_seconds() -> float:
