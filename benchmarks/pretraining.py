@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--finetune-limit", type=int, default=None, help="rt-polarity examples per split (all: None)")
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
+    p.add_argument("--pretrain-dropout", type=float, default=0.1,
+                   help="small BERT's hidden and attention dropout in pretraining (short runs learn faster without); "
+                        "both fine-tuning arms inherit the pretrained config's")
     p.add_argument("--minilm-cpu-minutes", type=float, default=18.0,
                    help="CPU-time budget of MiniLM's continued pretraining steps")
     p.add_argument("--minilm-lr", type=float, default=1e-4)
@@ -350,9 +353,12 @@ def results_bert(args, tokenizer, docs) -> None:
     with work_dir(args, "bert") as tmp:
         out = Path(tmp)
         tokenizer.save_pretrained(out / "tok")
+        (out / "arch").mkdir()
+        config.replace(hidden_dropout_prob=args.pretrain_dropout,
+                       attention_probs_dropout_prob=args.pretrain_dropout).save(out / "arch")
         cpu, wall = cpu_seconds(), time.perf_counter()
-        run = pretrain(PretrainSpec("mlm+nsp", ["rt-reviews"] if args.quick else CORPORA, out / "pre", size="small",
-                                    tokenizer=str(out / "tok"), max_length=args.max_length, validation_share=0.02,
+        run = pretrain(PretrainSpec("mlm+nsp", ["rt-reviews"] if args.quick else CORPORA, out / "pre",
+                                    config_file=out / "arch" / "config.json", tokenizer=str(out / "tok"), max_length=args.max_length, validation_share=0.02,
                                     train=TrainConfig(
                                         lr=args.pretrain_lr, metric="loss", batch_size=args.batch_size,
                                         max_steps=steps, progress=False, eval_every=max(1, steps // 10),
@@ -360,7 +366,8 @@ def results_bert(args, tokenizer, docs) -> None:
         cost = run_budget(run, cpu_seconds() - cpu, time.perf_counter() - wall, args.batch_size,
                           args.pretrain_cpu_minutes, step_s)
         emit({"bench": "pretrain_small_bert", "objective": "mlm+nsp", "max_length": args.max_length,
-              "lr": args.pretrain_lr, **cost, "pairs": run["pairs"], "skipped_documents": run["skipped_documents"],
+              "lr": args.pretrain_lr, "dropout": args.pretrain_dropout, **cost, "pairs": run["pairs"],
+              "skipped_documents": run["skipped_documents"],
               "positive_rate": run["positive_rate"], "validation": run["validation"],
               "curve": eval_curve(out / "pre")})
         compare(args, out / "pre" / "model", "random", "small BERT (4x256)", args.finetune_epochs, args.finetune_lr,
